@@ -1,0 +1,5 @@
+import sys
+
+from netrt.cli import main
+
+sys.exit(main())

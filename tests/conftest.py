@@ -1,0 +1,72 @@
+"""Shared fixtures. Prefect is configured here, before anything imports it, so tests never touch
+the user's ~/.prefect and never try to send telemetry."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="netrt-test-prefect-"))
+os.environ.update(
+    {
+        "PREFECT_HOME": str(_PREFECT_HOME),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    }
+)
+os.environ.pop("PREFECT_API_URL", None)
+for _key in [k for k in os.environ if k.startswith("NETRT_")]:
+    del os.environ[_key]
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tool(name: str) -> str:
+    """Path of an external program a test needs (dcmtk, dicom3tools, Orthanc, ...).
+
+    Missing locally: the test is skipped with the reason. Missing in CI: the test fails, because
+    .ci/run installs every such tool and a skip there would hide a broken install step.
+    """
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian packages: see .ci/run)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def require_shared(relative: str) -> Path:
+    """A folder of ../shared/data; skipped with a reason when absent (failed in CI)."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        message = f"{path} is absent (../shared/data sits beside the repo in CI)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server (SQLite) for every flow test in the session (~8 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
