@@ -80,6 +80,62 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- process --------------------------------------------------------------------------------
+
+
+def _use_running_local_server(config: NetrtConfig) -> bool:
+    """True when flows should go to a server: a configured one, or NETRT's local one if it is up."""
+    if config.prefect.api_url is not None:
+        return True
+    from flows.local_server import is_healthy
+    from netrt.prefect_env import local_api_url
+
+    return is_healthy(local_api_url(config), timeout=1.0)
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    """Run the process-study flow for every study under PATH; one line per study."""
+    config = _config(args)
+    layout = DataLayout.from_data_dir(config.paths.data_dir).create()
+    setup_logging(layout.app_log, console=False)
+    from netrt.study import find_studies
+
+    root = Path(args.path)
+    if not root.exists():
+        raise NetrtError(f"{root}: no such file or folder")
+    studies = find_studies(root)
+    if not studies:
+        raise NetrtError(f"{root}: no DICOM study found")
+    # Without a running server Prefect starts a temporary local one for this command.
+    _apply_prefect_environment(config, with_api_url=_use_running_local_server(config))
+    from flows.process_study import process_study
+
+    failures = 0
+    for study in studies:
+        try:
+            summary = process_study(
+                study_dir=str(root),
+                config_file=args.config,
+                study_instance_uid=study.study_instance_uid,
+            )
+        except Exception as exc:  # one failed study must not stop the others; report it and go on
+            failures += 1
+            print(f"{study.study_instance_uid}: FAILED: {exc}", flush=True)
+            continue
+        written = ", ".join(
+            f"{s['plane']}{' burn-in' if s['burn_in'] else ''} {s['instances']}" for s in summary["series"]
+        )
+        delivered = ", ".join(f"{d['name']} {d['instances']}" for d in summary["destinations"])
+        print(
+            f"{study.study_instance_uid}: ok: ROIs {', '.join(summary['rois_kept'])}; "
+            f"series {written}; delivered to {delivered}",
+            flush=True,
+        )
+        for warning in summary["warnings"]:
+            print(f"  warning: {warning}", flush=True)
+    return EXIT_OK if failures == 0 else EXIT_FAILURE
+
+
 # --- serve ----------------------------------------------------------------------------------
 
 
@@ -148,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the node: local Prefect server with UI (and the listener)")
     serve.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
     serve.set_defaults(handler=cmd_serve)
+
+    process = commands.add_parser(
+        "process",
+        help="run the process-study flow for every study found under PATH",
+        description="Finds every study under PATH (a folder of DICOM files, any depth), runs the process-study "
+        "flow for each and prints one line per study. Exit 0 only when every study succeeded.",
+    )
+    process.add_argument("path", metavar="PATH")
+    process.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    process.set_defaults(handler=cmd_process)
 
     config = commands.add_parser("config", help="check or show a configuration file")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)

@@ -153,6 +153,24 @@ class ProcessingConfig(_Section):
         description="Also write, per plane, a series with the mask outline burned into the pixels.",
     )
 
+    reformat_spacing_mm: float | None = Field(
+        default=None,
+        gt=0,
+        description="Pixel and slice spacing of the coronal and sagittal grids (isotropic); null: the finest "
+        "spacing of the input series.",
+    )
+    series_description: str = Field(
+        default="NETRT {plane} overlay",
+        max_length=64,
+        description="SeriesDescription of written series; `{plane}` becomes axial, coronal or sagittal.",
+    )
+    series_number_base: int = Field(
+        default=9000,
+        ge=0,
+        le=2**31 - 100,
+        description="SeriesNumber of written series: base + 1 axial, + 2 coronal, + 3 sagittal; burn-in series + 10.",
+    )
+
     @field_validator("planes")
     @classmethod
     def _no_duplicate_planes(cls, values: list[str]) -> list[str]:

@@ -1,0 +1,54 @@
+"""Delivery of written series to folder destinations (C-STORE destinations come with the delivery issue).
+
+A folder destination mirrors what a PACS would hold: ``<path>/<StudyInstanceUID>/<SeriesInstanceUID>/
+<SOPInstanceUID>.dcm``. Every path component is a UID checked against the UID grammar, and every
+file lands atomically, so a re-delivery of the same study overwrites instead of duplicating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+from netrt.errors import DeliveryError, DicomInputError
+from netrt.fileio import atomic_copy, fsync_dir
+from netrt.uids import checked_uid
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    destination: str
+    instances_sent: int
+    instances_failed: int
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.instances_failed == 0
+
+
+def deliver_to_folder(name: str, root: Path, files: Sequence[Path]) -> DeliveryOutcome:
+    """Copy every instance into the folder destination's layout; raise DeliveryError if any fails."""
+    folders: set[Path] = set()
+    for path in files:
+        try:
+            header = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
+            )
+        except Exception as exc:
+            raise DicomInputError(f"cannot read written instance for delivery: {exc}", path) from exc
+        study = checked_uid(header.get("StudyInstanceUID"), f"{path}: StudyInstanceUID")
+        series = checked_uid(header.get("SeriesInstanceUID"), f"{path}: SeriesInstanceUID")
+        sop = checked_uid(header.get("SOPInstanceUID"), f"{path}: SOPInstanceUID")
+        target = root / study / series / f"{sop}.dcm"
+        try:
+            atomic_copy(path, target)
+        except OSError as exc:
+            raise DeliveryError(name, f"cannot write {target}: {exc.strerror or exc}", retryable=True) from exc
+        folders.add(target.parent)
+    for folder in folders:
+        fsync_dir(folder)
+    return DeliveryOutcome(name, len(files), 0, f"{len(files)} instances written under {root}")
