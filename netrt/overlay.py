@@ -1,0 +1,490 @@
+"""Write the overlay series: the image series again, with the merged ROI mask in Overlay Plane 6000.
+
+What a physicist needs from these files is that the mask shows up exactly where the contours were,
+in any viewer, and that re-processing a study replaces its output instead of duplicating it. Hence:
+
+* Geometry (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness) is taken
+  from the source files (axial) or from the reformat's :class:`~netrt.geometry.ImageGeometry`;
+  the overlay is the mask slice as it is, row for row, so it can only be where the image is.
+* Every output UID is derived (:func:`netrt.uids.derived_uid`) from the source series UID, the
+  plane, the processing settings key and the burn-in flag: same input + same settings -> same
+  UIDs, and a burn-in series never collides with its plain twin.
+* The series is a valid instance of the SOURCE's SOP Class (CT stays CT Image Storage, MR stays
+  MR), with Patient, Study, Frame of Reference and Equipment modules copied from the source, so a
+  PACS files it under the same study and registration-aware viewers line it up with the planning
+  images. ImageType is DERIVED\\SECONDARY\\AXIAL for the axial series and
+  DERIVED\\SECONDARY\\REFORMATTED for the others (CT requires a third value; dciodvfy accepts
+  REFORMATTED as an extension of the defined terms, with a warning, not an error).
+* Axial pixel data is copied byte for byte (compressed transfer syntaxes stay compressed) unless
+  burn-in is asked for; reformatted pixel data is converted back to the source's stored
+  representation with the source's rescale and written uncompressed (Explicit VR Little Endian).
+
+Speed: a series is written by mutating ONE dataset slice after slice (UIDs, position, pixel and
+overlay bytes) and saving it each time; nothing is deep-copied per slice. Files are written under
+a temporary name and renamed, so a reader (or a C-STORE sender) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import dcmwrite
+from pydicom.pixels.utils import pack_bits
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
+from pydicom.valuerep import format_number_as_ds
+
+from netrt.burnin import burn, burn_value, first_value, outline, stored_range
+from netrt.errors import DicomInputError, NetrtError
+from netrt.geometry import ImageGeometry
+from netrt.reformat import PLANES, PlaneVolume
+from netrt.uids import checked_uid, derived_uid
+
+BoolArray = npt.NDArray[np.bool_]
+
+#: The overlay group NETRT writes (the first of the 16 repeating groups 6000-601E).
+OVERLAY_GROUP = 0x6000
+TAG_OVERLAY_ROWS = 0x60000010
+TAG_OVERLAY_COLUMNS = 0x60000011
+TAG_OVERLAY_DESCRIPTION = 0x60000022
+TAG_OVERLAY_TYPE = 0x60000040
+TAG_OVERLAY_ORIGIN = 0x60000050
+TAG_OVERLAY_BITS_ALLOCATED = 0x60000100
+TAG_OVERLAY_BIT_POSITION = 0x60000102
+TAG_OVERLAY_LABEL = 0x60001500
+TAG_OVERLAY_DATA = 0x60003000
+TAG_PIXEL_DATA = 0x7FE00010
+
+BURN_IN_SUFFIX = " burn-in"
+IMPLEMENTATION_VERSION_NAME = "NETRT"
+#: LO (Long String) holds at most 64 characters.
+LO_MAX = 64
+
+#: Attributes that describe one source slice or the source's pixel statistics and would be wrong
+#: (or misleading) on a reformatted image. Position/orientation/spacing are then set anew.
+_REFORMAT_DROP = (
+    "SliceLocation",
+    "SpacingBetweenSlices",
+    "PatientOrientation",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "PixelAspectRatio",
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "SmallestPixelValueInSeries",
+    "LargestPixelValueInSeries",
+    "ImagesInAcquisition",
+    "IconImageSequence",
+    "SourceImageSequence",
+    "DerivationCodeSequence",
+    "NumberOfFrames",
+)
+
+#: Pixel statistics that burning an outline into the pixels would make wrong.
+_BURN_IN_DROP = (
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "SmallestPixelValueInSeries",
+    "LargestPixelValueInSeries",
+)
+
+
+@dataclass(frozen=True)
+class SeriesSettings:
+    """What the user configured for an overlay series, plus the key of the processing settings.
+
+    ``description`` and ``series_number`` become SeriesDescription and SeriesNumber (a burn-in
+    series gets ``" burn-in"`` appended); ``roi_label`` names the ROIs in the overlay (e.g.
+    ``"NETRT: sphere, box"``); ``settings_key`` is a hash of every setting that changes the output
+    (ROI selection, spacing, ...), so changed settings give new UIDs instead of overwriting.
+    """
+
+    description: str
+    series_number: int
+    roi_label: str
+    settings_key: str
+
+
+def _lo(text: str) -> str:
+    """``text`` made a valid single LO value: no backslash or control characters, <= 64 chars."""
+    clean = "".join(" " if ord(c) < 32 else c for c in text).replace("\\", "/").strip()
+    return clean if len(clean) <= LO_MAX else clean[: LO_MAX - 3].rstrip() + "..."
+
+
+def series_description(settings: SeriesSettings, burn_in: bool) -> str:
+    """SeriesDescription of a series; the burn-in suffix always survives the 64-character cut.
+
+    A description that already ends with the suffix (the caller added it) is not suffixed twice.
+    """
+    base = _lo(settings.description)
+    if not burn_in or base.endswith(BURN_IN_SUFFIX):
+        return base
+    return base[: LO_MAX - len(BURN_IN_SUFFIX)].rstrip() + BURN_IN_SUFFIX
+
+
+def output_series_uid(source_series_uid: str, plane: str, settings_key: str, burn_in: bool) -> str:
+    """SeriesInstanceUID of the series written for ``plane`` (deterministic, see module docstring)."""
+    if plane not in PLANES:
+        raise NetrtError(f"unknown plane {plane!r}; expected one of {', '.join(PLANES)}")
+    parts = [source_series_uid, plane, settings_key] + (["burn-in"] if burn_in else [])
+    return derived_uid(*parts)
+
+
+def output_instance_uid(series_uid: str, index: int) -> str:
+    """SOPInstanceUID of slice ``index`` (0-based, spatial order) of an output series."""
+    return derived_uid(series_uid, "slice", str(index))
+
+
+def _read(path: Path, *, pixels: bool) -> Dataset:
+    try:
+        return dcmread(path, stop_before_pixels=not pixels)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        raise DicomInputError(f"cannot read DICOM file: {exc}", path=path) from exc
+
+
+def _required(ds: Dataset, keyword: str, path: Path) -> Any:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise DicomInputError(f"{keyword} is missing or empty", path=path, tag=keyword)
+    return value
+
+
+def _drop_repeating_groups(ds: Dataset) -> None:
+    """Remove overlay (60xx) and curve (50xx) groups: group 6000 is now NETRT's mask, and the
+    source's own annotations would be misread as part of it (or are wrong on a reformat)."""
+    tags = ds.keys()  # iterating the Dataset itself would decode every element
+    for tag in [t for t in tags if (t.group & 0xFF00) in (0x5000, 0x6000)]:
+        del ds[tag]
+
+
+def _delete(ds: Dataset, keywords: Iterable[str]) -> None:
+    for keyword in keywords:
+        if keyword in ds:
+            delattr(ds, keyword)
+
+
+def _ds_strings(values: Iterable[float]) -> list[str]:
+    """DS strings at full 16-character precision; round-off dust (1e-17) is written as 0."""
+    return [format_number_as_ds(0.0 if abs(float(v)) < 1e-12 else float(v)) for v in values]
+
+
+def _set_series(ds: Dataset, settings: SeriesSettings, series_uid: str, plane: str, burn_in: bool) -> None:
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesDescription = series_description(settings, burn_in)
+    ds.SeriesNumber = int(settings.series_number)
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if plane == "axial" else "REFORMATTED"]
+
+
+def _derivation(plane: str, source_series_uid: str, settings: SeriesSettings, burn_in: bool) -> str:
+    if plane == "axial":
+        what = "source pixel data unchanged" if not burn_in else "source pixel data with the mask outline burned in"
+    else:
+        what = f"{plane} reformat of the source series (SimpleITK: linear image, signed-distance mask)" + (
+            "; mask outline burned in" if burn_in else ""
+        )
+    return (
+        f"NETRT overlay series of {source_series_uid}: {what}; overlay 6000 holds the merged ROI mask "
+        f"({_lo(settings.roi_label)})"
+    )[:1024]
+
+
+def _add_overlay_module(ds: Dataset, rows: int, columns: int, label: str) -> None:
+    """Overlay Plane module in group 6000; OverlayData is filled per slice by :func:`_set_overlay`."""
+    ds.add_new(TAG_OVERLAY_ROWS, "US", rows)
+    ds.add_new(TAG_OVERLAY_COLUMNS, "US", columns)
+    ds.add_new(TAG_OVERLAY_DESCRIPTION, "LO", _lo(label))
+    ds.add_new(TAG_OVERLAY_TYPE, "CS", "G")
+    ds.add_new(TAG_OVERLAY_ORIGIN, "SS", [1, 1])
+    ds.add_new(TAG_OVERLAY_BITS_ALLOCATED, "US", 1)
+    ds.add_new(TAG_OVERLAY_BIT_POSITION, "US", 0)
+    ds.add_new(TAG_OVERLAY_LABEL, "LO", _lo(label))
+    ds.add_new(TAG_OVERLAY_DATA, "OW", b"")
+
+
+def _set_overlay(ds: Dataset, mask_slice: BoolArray) -> None:
+    """OverlayData of one slice: the mask row by row, first pixel in the lowest bit (PS3.5 8.1.1)."""
+    ds[TAG_OVERLAY_DATA].value = pack_bits(mask_slice.view(np.uint8))
+
+
+def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
+
+
+def _set_instance(ds: Dataset, sop_instance: str, instance_number: int) -> None:
+    ds.SOPInstanceUID = sop_instance
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    ds.InstanceNumber = instance_number
+
+
+def _save(ds: Dataset, out_dir: Path) -> Path:
+    """Write ``ds`` as ``<out_dir>/<SOPInstanceUID>.dcm`` via a temporary name and a rename.
+
+    No fsync: the output is derived and re-created by re-running the flow, unlike received data.
+    """
+    uid = checked_uid(ds.SOPInstanceUID, "output SOPInstanceUID")
+    final = out_dir / f"{uid}.dcm"
+    temporary = out_dir / f".{uid}.dcm.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            dcmwrite(handle, ds, enforce_file_format=True)
+        os.replace(temporary, final)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return final
+
+
+@dataclass(frozen=True)
+class _PixelFormat:
+    """The stored pixel representation of a source series, for converting back to it."""
+
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    slope: float
+    intercept: float
+    dtype: np.dtype[Any]
+
+    @classmethod
+    def of(cls, ds: Dataset, path: Path) -> _PixelFormat:
+        samples = int(ds.get("SamplesPerPixel", 1))
+        photometric = str(ds.get("PhotometricInterpretation", ""))
+        if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise DicomInputError(
+                f"only single-sample greyscale images can be reformatted, got SamplesPerPixel {samples}, "
+                f"PhotometricInterpretation {photometric!r}",
+                path=path,
+                tag="(0028,0004) PhotometricInterpretation",
+            )
+        if "ModalityLUTSequence" in ds:
+            raise DicomInputError(
+                "a Modality LUT cannot be inverted to store reformatted values; only RescaleSlope/Intercept is "
+                "supported",
+                path=path,
+                tag="(0028,3000) ModalityLUTSequence",
+            )
+        allocated = int(_required(ds, "BitsAllocated", path))
+        stored = int(ds.get("BitsStored", allocated))
+        representation = int(ds.get("PixelRepresentation", 0))
+        if allocated not in (8, 16, 32) or not 1 <= stored <= allocated or representation not in (0, 1):
+            raise DicomInputError(
+                f"unsupported pixel format BitsAllocated {allocated}, BitsStored {stored}, "
+                f"PixelRepresentation {representation}",
+                path=path,
+                tag="(0028,0100) BitsAllocated",
+            )
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        dtype = np.dtype(f"<{'i' if representation else 'u'}{allocated // 8}")
+        return cls(allocated, stored, representation, slope, intercept, dtype)
+
+    def to_stored(self, values: npt.NDArray[np.floating[Any]]) -> npt.NDArray[Any]:
+        """Modality values -> stored values: inverse rescale, round, clip to the stored range."""
+        lowest, highest = stored_range(self.bits_stored, self.pixel_representation)
+        if self.slope != 1 or self.intercept != 0:
+            values = (values - self.intercept) / self.slope
+        stored: npt.NDArray[Any] = np.clip(np.rint(values), lowest, highest).astype(self.dtype)
+        return stored
+
+
+def _burned(ds: Dataset, stored: npt.NDArray[Any], mask_slice: BoolArray, fmt: _PixelFormat) -> npt.NDArray[Any]:
+    """``stored`` with the mask outline burned in at :func:`netrt.burnin.burn_value`."""
+    edge = outline(mask_slice)
+    if not edge.any():
+        return stored
+    value = burn_value(
+        fmt.bits_stored,
+        fmt.pixel_representation,
+        int(stored.max()),
+        slope=fmt.slope,
+        intercept=fmt.intercept,
+        window_center=first_value(ds.get("WindowCenter")),
+        window_width=first_value(ds.get("WindowWidth")),
+    )
+    return burn(stored, edge, value)
+
+
+def _check_mask(mask: npt.ArrayLike, slices: int, what: str) -> BoolArray:
+    array = np.asarray(mask, dtype=bool)
+    if array.ndim != 3 or array.shape[0] != slices:
+        raise ValueError(f"mask shape {array.shape} does not match {slices} {what}")
+    return np.ascontiguousarray(array)
+
+
+def write_axial_series(
+    source_files: Sequence[Path],
+    mask: npt.ArrayLike,
+    out_dir: Path,
+    settings: SeriesSettings,
+    burn_in: bool = False,
+) -> list[Path]:
+    """Write the axial overlay series: each source slice again, with ``mask[k]`` as its overlay.
+
+    ``source_files`` are the image files in spatial order (slice ``k`` of ``mask``, ``[slice,
+    row, col]``, belongs to ``source_files[k]``). Everything but the series/instance identity,
+    ImageType, derivation and overlay is kept as received; the pixel bytes too, unless
+    ``burn_in``, in which case the outline is burned into decoded pixels written uncompressed.
+    Returns the written files in spatial order.
+
+    Raises:
+        DicomInputError: a file is unreadable, of another series, or its Rows/Columns differ from
+            the mask slice (named by path and tag).
+        ValueError: the mask does not have one slice per file.
+    """
+    files = [Path(p) for p in source_files]
+    if not files:
+        raise ValueError("no source files given")
+    masks = _check_mask(mask, len(files), "source files")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    source_series = ""
+    series_uid = ""
+    for index, path in enumerate(files):
+        ds = _read(path, pixels=True)
+        this_series = str(_required(ds, "SeriesInstanceUID", path))
+        if index == 0:
+            source_series = this_series
+            series_uid = output_series_uid(source_series, "axial", settings.settings_key, burn_in)
+        elif this_series != source_series:
+            raise DicomInputError(
+                f"belongs to series {this_series}, not {source_series} like the first file",
+                path=path,
+                tag="(0020,000E) SeriesInstanceUID",
+            )
+        rows, columns = int(_required(ds, "Rows", path)), int(_required(ds, "Columns", path))
+        if (rows, columns) != masks.shape[1:]:
+            raise DicomInputError(
+                f"image is {rows} rows x {columns} columns but the mask slice is {masks.shape[1]} x {masks.shape[2]}",
+                path=path,
+                tag="(0028,0010) Rows",
+            )
+        if "PixelData" not in ds:
+            raise DicomInputError("has no pixel data", path=path, tag="(7FE0,0010) PixelData")
+        sop_class = str(_required(ds, "SOPClassUID", path))
+        source_instance = str(_required(ds, "SOPInstanceUID", path))
+        transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
+
+        if burn_in:
+            fmt = _PixelFormat.of(ds, path)
+            stored = _burned(ds, np.asarray(ds.pixel_array), masks[index], fmt)
+            del ds[TAG_PIXEL_DATA]
+            ds.add_new(TAG_PIXEL_DATA, "OB" if fmt.bits_allocated == 8 else "OW", stored.astype(fmt.dtype).tobytes())
+            _delete(ds, _BURN_IN_DROP)
+            transfer_syntax = ExplicitVRLittleEndian
+
+        _drop_repeating_groups(ds)
+        _set_series(ds, settings, series_uid, "axial", burn_in)
+        ds.DerivationDescription = _derivation("axial", source_series, settings, burn_in)
+        source_item = Dataset()
+        source_item.ReferencedSOPClassUID = sop_class
+        source_item.ReferencedSOPInstanceUID = source_instance
+        ds.SourceImageSequence = DicomSequence([source_item])
+        instance_uid = output_instance_uid(series_uid, index)
+        ds.file_meta = _file_meta(sop_class, instance_uid, transfer_syntax)
+        _set_instance(ds, instance_uid, index + 1)
+        _add_overlay_module(ds, rows, columns, settings.roi_label)
+        _set_overlay(ds, masks[index])
+        written.append(_save(ds, out_dir))
+    return written
+
+
+def _reformat_template(
+    template_file: Path, plane: PlaneVolume, settings: SeriesSettings, burn_in: bool
+) -> tuple[Dataset, _PixelFormat, str]:
+    """The dataset every slice of a reformatted series starts from, its pixel format and series UID."""
+    path = Path(template_file)
+    ds = _read(path, pixels=False)
+    fmt = _PixelFormat.of(ds, path)
+    sop_class = str(_required(ds, "SOPClassUID", path))
+    source_series = str(_required(ds, "SeriesInstanceUID", path))
+    _required(ds, "FrameOfReferenceUID", path)
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise DicomInputError(
+            "multi-frame images cannot serve as the template of a single-frame series",
+            path=path,
+            tag="(0028,0008) NumberOfFrames",
+        )
+    ds.remove_private_tags()  # vendor data of one source slice, meaningless on a reformat
+    _drop_repeating_groups(ds)
+    _delete(ds, _REFORMAT_DROP)
+
+    geometry: ImageGeometry = plane.geometry
+    columns, rows, _ = geometry.size
+    series_uid = output_series_uid(source_series, plane.plane, settings.settings_key, burn_in)
+    _set_series(ds, settings, series_uid, plane.plane, burn_in)
+    ds.DerivationDescription = _derivation(plane.plane, source_series, settings, burn_in)
+    ds.ImageOrientationPatient = _ds_strings([*geometry.row_direction, *geometry.column_direction])
+    ds.PixelSpacing = _ds_strings([geometry.spacing[1], geometry.spacing[0]])
+    ds.SliceThickness = _ds_strings([geometry.spacing[2]])[0]
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated = fmt.bits_allocated
+    ds.BitsStored = fmt.bits_stored
+    ds.HighBit = fmt.bits_stored - 1
+    ds.PixelRepresentation = fmt.pixel_representation
+    ds.SamplesPerPixel = 1
+    ds.file_meta = _file_meta(sop_class, series_uid, ExplicitVRLittleEndian)
+    _add_overlay_module(ds, rows, columns, settings.roi_label)
+    ds.add_new(TAG_PIXEL_DATA, "OB" if fmt.bits_allocated == 8 else "OW", b"")
+    return ds, fmt, series_uid
+
+
+def write_reformatted_series(
+    plane: PlaneVolume,
+    template_file: Path,
+    out_dir: Path,
+    settings: SeriesSettings,
+    burn_in: bool = False,
+) -> list[Path]:
+    """Write a coronal or sagittal overlay series from a :class:`~netrt.reformat.PlaneVolume`.
+
+    ``template_file`` is one source slice: its Patient, Study, Series-level, Frame of Reference,
+    Equipment and acquisition attributes, SOP Class, rescale and window are carried over; slice
+    specific, private and pixel-statistics attributes are dropped. Slice ``k`` of the plane becomes
+    InstanceNumber ``k + 1`` at ImagePositionPatient = the centre of its first voxel. Pixel values
+    are converted back to the template's stored representation (round, clip to the BitsStored
+    range). Returns the written files in slice order.
+
+    Raises:
+        NetrtError: ``plane`` is axial (write that with :func:`write_axial_series`).
+        DicomInputError: the template is unreadable, colour, multi-frame or lacks a required tag.
+    """
+    if plane.plane == "axial":
+        raise NetrtError("write_reformatted_series writes coronal/sagittal planes; use write_axial_series for axial")
+    geometry = plane.geometry
+    if plane.image.shape != geometry.shape or plane.mask.shape != geometry.shape:
+        raise ValueError(
+            f"plane image {plane.image.shape} / mask {plane.mask.shape} do not match the grid {geometry.shape}"
+        )
+    ds, fmt, series_uid = _reformat_template(Path(template_file), plane, settings, burn_in)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step = geometry.spacing[2] * geometry.normal
+    written: list[Path] = []
+    for index in range(geometry.shape[0]):
+        mask_slice = np.ascontiguousarray(plane.mask[index])
+        stored = fmt.to_stored(plane.image[index])
+        if burn_in:
+            stored = _burned(ds, stored, mask_slice, fmt)
+        ds.ImagePositionPatient = _ds_strings(geometry.origin + index * step)
+        ds[TAG_PIXEL_DATA].value = stored.tobytes()
+        _set_overlay(ds, mask_slice)
+        _set_instance(ds, output_instance_uid(series_uid, index), index + 1)
+        written.append(_save(ds, out_dir))
+    return written

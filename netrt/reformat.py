@@ -1,0 +1,404 @@
+"""Coronal and sagittal reformats of an image series and its mask, with SimpleITK.
+
+The overlay series must line up with the contours in any viewer, so a reformat is nothing but a
+new :class:`~netrt.geometry.ImageGeometry` sampled from the source one; the written files take
+their ImagePositionPatient / ImageOrientationPatient / PixelSpacing straight from it.
+
+Planes are defined in the SOURCE image frame, not in patient axes, so an oblique series gives
+oblique "coronal" and "sagittal" planes that still contain the source's in-plane axes; every output
+voxel then lies inside the box spanned by the source voxel centres and nothing is extrapolated.
+With ``R`` = row direction, ``C`` = column direction and ``N`` = normal of the source:
+
+* **coronal**: row direction ``R``, column direction ``D``, slices stepping along ``R x D = +-C``;
+* **sagittal**: row direction ``C``, column direction ``D``, slices stepping along ``C x D = +-R``;
+* ``D = -N`` when ``N`` points to the head (``N . z >= 0``, the usual axial stack), else ``N``, so
+  the head is at the top of the image: an axial series gives the textbook coronal orientation
+  ``1\\0\\0\\0\\0\\-1`` and sagittal ``0\\1\\0\\0\\0\\-1``.
+
+The slice direction is always ``row x column`` (what :class:`ImageGeometry` requires), and slice 0
+is the lowest position along it, so the output grid is right-handed without any flipping later.
+
+The grid is isotropic at the finest source spacing unless a spacing is given. Along each axis it
+holds as many samples as fit in the extent of the source voxel centres, centred in it, so the
+first and last output slices lie within the data (never a slice of padding past the last source
+slice), and an axis whose spacing equals the source spacing lands exactly on the source samples.
+
+Mask interpolation (measured, see :data:`MASK_INTERPOLATION` and :func:`_resample_mask`): the
+mask is turned into a symmetric signed distance map in mm, resampled linearly and thresholded at
+0. Unlike nearest neighbour or a thresholded linear interpolation of the 0/1 mask (both put the
+boundary half-way between two source slices, a staircase of 2.5 mm steps), this moves the boundary
+smoothly between slices (shape-based interpolation), which is what the analytic solids do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk
+
+from netrt.errors import NetrtError
+from netrt.geometry import ImageGeometry, affine, patient_to_index, to_sitk_image
+
+# SimpleITK's SWIG functions carry no annotations; calling them through an Any handle keeps
+# mypy --strict quiet without scattering ignores (the same device as in netrt.geometry).
+_sitk: Any = sitk
+
+BoolArray = npt.NDArray[np.bool_]
+Float32Array = npt.NDArray[np.float32]
+
+PLANES = ("axial", "coronal", "sagittal")
+
+#: Source axes (0 = row direction R, 1 = column direction C, 2 = normal N) that become the output
+#: row direction, column direction and slice axis of each reformatted plane.
+_PLANE_AXES: dict[str, tuple[int, int, int]] = {
+    "coronal": (0, 2, 1),
+    "sagittal": (1, 2, 0),
+}
+
+#: Samples that fit in an extent are counted with this slack (mm / spacing) so that an extent
+#: that is an exact multiple of the spacing, up to float round-off, keeps its last sample.
+_FIT_SLACK = 1e-6
+
+#: Output voxels resampled per SimpleITK call (16 MB of float32). Slabs bound the temporary image
+#: SimpleITK allocates (and the copy out of it) instead of a second full volume, and slabs this small
+#: are reused by the allocator instead of being mapped afresh each time: on a 512 x 512 x 200 CT the
+#: coronal image took 0.6 s in 4 M-voxel slabs against 1.2 s in one piece (measured).
+_SLAB_VOXELS = 1 << 22
+
+#: How the mask is resampled; "distance" is what NETRT uses. The others are kept, selectable only
+#: from tests and the measurement in the docstring of :func:`_resample_mask`, so the choice stays
+#: checkable.
+MASK_INTERPOLATION = "distance"
+_MASK_METHODS = ("distance", "linear", "nearest")
+
+#: Output samples whose interpolated distance is within this (mm, of the doubled distance) of 0
+#: sit exactly half-way between an inside and an outside source voxel -- common, since 2.5 mm slices
+#: resampled at 0.98 or 1.25 mm put samples on those midpoints. Float round-off of the geometry
+#: (1e-12 mm) would otherwise decide them at random, and a box face could move by a whole output
+#: voxel between two equivalent inputs (seen: Dice 0.992 vs 0.968). Ties count as inside: of the two
+#: consistent rules this one never drops the boundary layer of a target.
+_TIE_TOLERANCE_MM = 1e-3
+
+#: Voxels of margin kept around the mask's bounding box when its distance map is computed: the
+#: linear interpolation needs one voxel of genuinely "outside" values on each side.
+_MASK_MARGIN = 2
+
+
+@dataclass(frozen=True)
+class PlaneVolume:
+    """One plane's image and mask on its own grid, ready for the overlay writers.
+
+    ``image`` is float32 in modality units (e.g. HU), ``mask`` bool, both ``[slice, row, col]`` of
+    ``geometry``; for ``axial`` they are the inputs themselves on the source grid.
+    """
+
+    plane: str
+    geometry: ImageGeometry
+    image: Float32Array
+    mask: BoolArray
+
+
+def _check_plane(plane: str) -> None:
+    if plane not in PLANES:
+        raise NetrtError(f"unknown plane {plane!r}; expected one of {', '.join(PLANES)}")
+
+
+def _positive_mm(value: object) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise NetrtError(f"reformat spacing must be a positive number of mm, got {value!r}")
+    return number
+
+
+def plane_geometry(source: ImageGeometry, plane: str, spacing_mm: float | None = None) -> ImageGeometry:
+    """The grid of ``plane`` reformatted from ``source`` (see the module docstring for the rules).
+
+    ``axial`` returns ``source`` itself (no resampling, whatever ``spacing_mm`` says: the axial
+    series keeps the source pixels). ``spacing_mm`` (mm, > 0) overrides the isotropic spacing of
+    the coronal and sagittal grids, which is otherwise the smallest source spacing.
+
+    Raises:
+        NetrtError: unknown plane or a spacing that is not a positive finite number.
+    """
+    _check_plane(plane)
+    if plane == "axial":
+        return source
+    step = min(source.spacing) if spacing_mm is None else _positive_mm(spacing_mm)
+
+    source_axes = (source.row_direction, source.column_direction, source.normal)
+    row_axis, col_axis, slice_axis = _PLANE_AXES[plane]
+    col_sign = -1.0 if float(source.normal[2]) >= 0 else 1.0
+    row_dir = source_axes[row_axis]
+    col_dir = col_sign * source_axes[col_axis]
+    normal = np.cross(row_dir, col_dir)
+    # row x column is +-(the source slice axis); its sign decides which end slice 0 starts from.
+    slice_sign = 1.0 if float(normal @ source_axes[slice_axis]) > 0 else -1.0
+
+    origin = np.array(source.origin, dtype=np.float64)
+    size: list[int] = []
+    for axis, sign in ((row_axis, 1.0), (col_axis, col_sign), (slice_axis, slice_sign)):
+        extent = (source.size[axis] - 1) * source.spacing[axis]
+        count = math.floor(extent / step + _FIT_SLACK) + 1
+        margin = (extent - (count - 1) * step) / 2.0
+        start = margin if sign > 0 else extent - margin
+        origin = origin + start * source_axes[axis]
+        size.append(count)
+    return ImageGeometry(
+        origin=origin,
+        row_direction=row_dir,
+        column_direction=col_dir,
+        normal=normal,
+        spacing=(step, step, step),
+        size=(size[0], size[1], size[2]),
+    )
+
+
+def _resample_into(
+    image: sitk.Image,
+    target: ImageGeometry,
+    out: npt.NDArray[Any],
+    interpolator: int,
+    default: float,
+    pixel_type: int,
+    threshold: tuple[str, float] | None = None,
+) -> None:
+    """Resample ``image`` onto ``target`` slab by slab, writing into ``out[slice, row, col]``.
+
+    ``threshold=("<", t)`` or ``(">=", t)`` stores the comparison instead of the value (masks).
+    """
+    direction = tuple(float(v) for v in target.direction_matrix.ravel())
+    columns, rows, slices = target.size
+    resampler = _sitk.ResampleImageFilter()
+    resampler.SetInterpolator(interpolator)
+    resampler.SetDefaultPixelValue(float(default))
+    resampler.SetOutputPixelType(pixel_type)
+    resampler.SetOutputSpacing(target.spacing)
+    resampler.SetOutputDirection(direction)
+    per_slab = max(1, _SLAB_VOXELS // (columns * rows))
+    for first in range(0, slices, per_slab):
+        count = min(per_slab, slices - first)
+        slab_origin = target.origin + first * target.spacing[2] * target.normal
+        resampler.SetOutputOrigin(tuple(float(v) for v in slab_origin))
+        resampler.SetSize((columns, rows, count))
+        slab = resampler.Execute(image)  # keep a reference: the view below borrows its buffer
+        values = sitk.GetArrayViewFromImage(slab)
+        if threshold is None:
+            out[first : first + count] = values
+        elif threshold[0] == "<":
+            np.less(values, threshold[1], out=out[first : first + count])
+        else:
+            np.greater_equal(values, threshold[1], out=out[first : first + count])
+
+
+def _mask_box(mask: BoolArray, margin: int) -> tuple[slice, slice, slice] | None:
+    """Index box ``[slice, row, col]`` around the True voxels, grown by ``margin`` (clipped)."""
+    box: list[slice] = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        if hits.size == 0:
+            return None
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + margin + 1, mask.shape[axis])))
+    return box[0], box[1], box[2]
+
+
+def _sub_geometry(geom: ImageGeometry, box: tuple[slice, slice, slice]) -> ImageGeometry:
+    """The grid of ``array[box]`` for an array on ``geom``."""
+    k, i, j = (s.start for s in box)
+    origin = affine(geom)[:3] @ np.array([j, i, k, 1.0])
+    size = (box[2].stop - box[2].start, box[1].stop - box[1].start, box[0].stop - box[0].start)
+    return ImageGeometry(origin, geom.row_direction, geom.column_direction, geom.normal, geom.spacing, size)
+
+
+def _target_box(target: ImageGeometry, region: ImageGeometry) -> tuple[slice, slice, slice] | None:
+    """Index box of ``target`` holding every voxel that lies within the voxel box of ``region``."""
+    corners = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], dtype=np.float64)
+    corners = corners * (np.asarray(region.size, dtype=np.float64) - 1)
+    points = affine(region)[:3, :3] @ corners.T + region.origin[:, None]
+    index = patient_to_index(target, points.T)
+    lo = np.floor(index.min(axis=0) + 1e-6).astype(int) - 1
+    hi = np.ceil(index.max(axis=0) - 1e-6).astype(int) + 2
+    lo = np.maximum(lo, 0)
+    hi = np.minimum(hi, np.asarray(target.size))
+    if np.any(hi <= lo):
+        return None
+    return slice(int(lo[2]), int(hi[2])), slice(int(lo[1]), int(hi[1])), slice(int(lo[0]), int(hi[0]))
+
+
+def _signed_distance(mask: BoolArray, geom: ImageGeometry) -> sitk.Image:
+    """Twice the signed distance in mm (negative inside), zero half-way between in and out voxels.
+
+    ITK's Maurer map is 0 on the object's own boundary voxels, which would shrink the mask by half
+    a voxel (1.25 mm across 2.5 mm slices); subtracting the map of the complement (0 on the
+    background's boundary voxels) puts the zero exactly between an inside and an outside voxel
+    centre, where the pixel-centre rule puts the boundary. Only the sign is used afterwards, so the
+    factor 2 is left in.
+    """
+    image = to_sitk_image(mask, geom)
+    inside = _sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    outside = _sitk.SignedMaurerDistanceMap(
+        1 - image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    )
+    result: sitk.Image = _sitk.Subtract(inside, outside)
+    return result
+
+
+@dataclass(frozen=True)
+class _MaskField:
+    """A mask prepared once for sampling onto any number of grids.
+
+    ``kind`` is ``"empty"``, ``"full"`` (no background voxel: every grid inside the source is all
+    True) or the interpolation method; ``region`` is the source sub-grid of the mask's bounding box
+    (plus a margin) and ``image`` what is sampled there.
+    """
+
+    kind: str
+    region: ImageGeometry | None = None
+    image: sitk.Image | None = None
+
+
+def _mask_field(mask: BoolArray, source: ImageGeometry, method: str) -> _MaskField:
+    if method not in _MASK_METHODS:
+        raise NetrtError(f"unknown mask interpolation {method!r}; expected one of {', '.join(_MASK_METHODS)}")
+    box = _mask_box(mask, _MASK_MARGIN)
+    if box is None:
+        return _MaskField("empty")
+    if bool(mask.all()):
+        return _MaskField("full")
+    region = _sub_geometry(source, box)
+    if method == "distance":
+        return _MaskField(method, region, _signed_distance(mask[box], region))
+    return _MaskField(method, region, to_sitk_image(mask[box], region))
+
+
+def _sample_mask(field: _MaskField, target: ImageGeometry) -> BoolArray:
+    if field.kind == "full":
+        return np.ones(target.shape, dtype=bool)
+    out = np.zeros(target.shape, dtype=bool)
+    if field.region is None or field.image is None:
+        return out
+    target_box = _target_box(target, field.region)
+    if target_box is None:
+        return out
+    sub_target = _sub_geometry(target, target_box)
+    view = out[target_box]
+    # Outside the region the mask is empty: the defaults read as "outside" for each method.
+    if field.kind == "distance":
+        _resample_into(field.image, sub_target, view, sitk.sitkLinear, 1e6, sitk.sitkFloat32, ("<", _TIE_TOLERANCE_MM))
+    elif field.kind == "linear":
+        _resample_into(field.image, sub_target, view, sitk.sitkLinear, 0.0, sitk.sitkFloat32, (">=", 0.5))
+    else:
+        _resample_into(field.image, sub_target, view, sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8, (">=", 0.5))
+    return out
+
+
+def _resample_mask(
+    mask: BoolArray, source: ImageGeometry, target: ImageGeometry, method: str = MASK_INTERPOLATION
+) -> BoolArray:
+    """The mask on ``target``; the work is limited to the mask's bounding box.
+
+    Why a signed distance map: measured against the analytic solids of the phantom (0.98 x 0.98 x
+    2.5 mm source grid, 256 x 256 x 48, axial; the reformatted mask compared, by Dice, with the
+    solid evaluated at every target voxel centre via ``phantom.roi_contains``; coronal and sagittal
+    gave the same numbers to 4 digits):
+
+    ==========  ======  ======  =============  ======  ======================
+    method      sphere  box     hollow_sphere  torus   sphere_2 (r = 10 mm)
+    ==========  ======  ======  =============  ======  ======================
+    nearest     0.9764  0.9600  0.9674         0.9628  0.9568
+    linear 0.5  0.9764  0.9600  0.9674         0.9628  0.9568
+    distance    0.9872  0.9643  0.9812         0.9856  0.9671
+    ==========  ======  ======  =============  ======  ======================
+
+    Nearest neighbour and a linearly interpolated 0/1 mask thresholded at 0.5 are the same thing
+    here (both cut half-way between two slices: a 2.5 mm staircase); the distance map moves the
+    boundary smoothly between slices and gains 0.004-0.023 Dice. Samples exactly half-way between an
+    inside and an outside voxel count as inside (see :data:`_TIE_TOLERANCE_MM`). The box is limited by the source
+    sampling itself (its 24 mm extent along the normal is seen as 10 slices = 25 mm). Cost on a
+    512 x 512 x 200 grid: about 2-7 s for two Maurer maps when the mask's bounding box is the whole
+    volume (a body outline), well under a second for ROI-sized boxes; :func:`reformat_planes`
+    computes it once for both planes.
+    """
+    return _sample_mask(_mask_field(mask, source, method), target)
+
+
+def _check_inputs(volume: npt.ArrayLike, mask: npt.ArrayLike, source: ImageGeometry) -> tuple[Any, BoolArray]:
+    image_in = np.asarray(volume)
+    mask_in = np.asarray(mask, dtype=bool)
+    for name, array in (("volume", image_in), ("mask", mask_in)):
+        if array.shape != source.shape:
+            raise ValueError(f"{name} shape {array.shape} does not match the source grid {source.shape}")
+    return image_in, mask_in
+
+
+def _reformat_one(
+    image_in: Any, field: _MaskField | None, mask_in: BoolArray, source: ImageGeometry, plane: str,
+    spacing_mm: float | None, sitk_image: sitk.Image | None,
+) -> PlaneVolume:  # fmt: skip
+    if plane == "axial":
+        return PlaneVolume(plane, source, np.asarray(image_in, dtype=np.float32), mask_in)
+    target = plane_geometry(source, plane, spacing_mm)
+    image = np.empty(target.shape, dtype=np.float32)
+    if sitk_image is None:
+        sitk_image = to_sitk_image(image_in, source)
+    _resample_into(sitk_image, target, image, sitk.sitkLinear, float(image_in.min()), sitk.sitkFloat32)
+    if field is None:
+        field = _mask_field(mask_in, source, MASK_INTERPOLATION)
+    return PlaneVolume(plane, target, image, _sample_mask(field, target))
+
+
+def reformat(
+    volume: npt.ArrayLike,
+    mask: npt.ArrayLike,
+    source: ImageGeometry,
+    plane: str,
+    spacing_mm: float | None = None,
+) -> PlaneVolume:
+    """Image and mask of ``plane`` on :func:`plane_geometry` ``(source, plane, spacing_mm)``.
+
+    ``volume`` is in modality units (any real dtype; int16 values are handed to SimpleITK as they
+    are, not copied to float first), ``mask`` bool, both ``[slice, row, col]`` on ``source``. The
+    image is resampled linearly; grid points outside the source (only possible through round-off
+    at the edges) get the volume's minimum, i.e. air. The mask is resampled through its signed
+    distance map (see :func:`_resample_mask` for why and the measured accuracy). ``axial`` returns
+    the inputs unresampled on ``source`` (as float32 / bool; no copy when they already are).
+
+    Raises:
+        NetrtError: unknown plane or bad spacing.
+        ValueError: ``volume`` or ``mask`` does not have the shape of ``source``.
+    """
+    _check_plane(plane)
+    image_in, mask_in = _check_inputs(volume, mask, source)
+    return _reformat_one(image_in, None, mask_in, source, plane, spacing_mm, None)
+
+
+def reformat_planes(
+    volume: npt.ArrayLike,
+    mask: npt.ArrayLike,
+    source: ImageGeometry,
+    planes: Sequence[str],
+    spacing_mm: float | None = None,
+) -> Iterator[PlaneVolume]:
+    """:func:`reformat` for several planes, yielded one at a time in the order given.
+
+    The SimpleITK copy of the volume and the mask's distance map are built once and shared, which
+    halves the mask cost when both coronal and sagittal are written. Yielding (instead of returning
+    a dict) lets the caller write and drop each plane before the next is computed: a coronal
+    reformat of a 512 x 512 x 200 CT is ~0.5 GB of float32.
+    """
+    for plane in planes:
+        _check_plane(plane)
+    image_in, mask_in = _check_inputs(volume, mask, source)
+    reformatted = [p for p in planes if p != "axial"]
+    sitk_image = to_sitk_image(image_in, source) if reformatted else None
+    field = _mask_field(mask_in, source, MASK_INTERPOLATION) if reformatted else None
+    for plane in planes:
+        yield _reformat_one(image_in, field, mask_in, source, plane, spacing_mm, sitk_image)
