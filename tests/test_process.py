@@ -125,7 +125,7 @@ def test_axial_pixels_are_untouched(processed: dict[str, Any]) -> None:
 
 def test_every_written_file_passes_dciodvfy(processed: dict[str, Any]) -> None:
     dciodvfy = require_tool("dciodvfy")
-    manifest, summary, output = processed["2mm-iso"]
+    _, summary, output = processed["2mm-iso"]
     files = [f for plane in ("axial", "coronal", "sagittal") for f in series_files(output, summary, plane)]
     failures = []
     for path in files:
@@ -190,3 +190,34 @@ def test_broken_input_fails_clearly_and_keeps_every_file(kind: str, expected: st
     assert result.returncode == 1, result.stdout + result.stderr
     assert expected in result.stdout + result.stderr, result.stdout + result.stderr
     assert _hash_tree(study) == before, "the input was changed"
+
+
+def test_netrt_process_command_prints_one_line_per_study_and_delivers(tmp_path: Path) -> None:
+    spec = PhantomSpec(rows=48, columns=40, pixel_spacing=(5.0, 5.0), slice_spacing=5.0)
+    first = write_phantom(spec, tmp_path / "a")
+    second = write_phantom(
+        PhantomSpec(rows=48, columns=40, pixel_spacing=(5.0, 5.0), slice_spacing=5.0, seed=7), tmp_path / "b"
+    )
+    both = tmp_path / "both"
+    shutil.copytree(tmp_path / "a" / "dicom", both / "a")
+    shutil.copytree(tmp_path / "b" / "dicom", both / "b")
+    config = write_config(tmp_path, tmp_path / "data", planes="[axial, sagittal]", burn_in="true")
+    result = subprocess.run(
+        [sys.executable, "-m", "netrt", "process", str(both), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if ": ok: " in line]
+    assert sorted(line.split(":")[0] for line in lines) == sorted([first.study_instance_uid, second.study_instance_uid])
+    slices = len(first.image_files)
+    assert all(f"series axial {slices}, axial burn-in {slices}, sagittal " in line for line in lines)
+    output = tmp_path / "data" / "output"
+    for manifest in (first, second):
+        series = sorted((output / manifest.study_instance_uid).iterdir())
+        assert len(series) == 4  # axial, sagittal, and a burn-in series of each
+        for folder in series:
+            assert all(
+                p.name.endswith(".dcm") and p.stem == pydicom.dcmread(p).SOPInstanceUID for p in folder.iterdir()
+            )
