@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(folder: Path) -> None:
@@ -18,13 +21,17 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(target: Path, data: bytes, *, durable: bool = True) -> Path:
-    """Write ``data`` to ``target`` through a temp file in the same folder and rename it in place."""
+@contextmanager
+def atomic_output(target: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """A binary handle on a temp file beside ``target``, renamed onto it when the block succeeds.
+
+    On any exception the temp file is removed and ``target`` is left as it was.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -32,23 +39,19 @@ def atomic_write_bytes(target: Path, data: bytes, *, durable: bool = True) -> Pa
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(target: Path, data: bytes, *, durable: bool = True) -> Path:
+    """Write ``data`` to ``target`` atomically; with ``durable`` the rename is fsync'd too."""
+    with atomic_output(target, durable=durable) as handle:
+        handle.write(data)
     if durable:
         fsync_dir(target.parent)
     return target
 
 
 def atomic_copy(source: Path, target: Path, *, durable: bool = True) -> Path:
-    """Copy ``source`` to ``target`` atomically (same guarantees as :func:`atomic_write_bytes`)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-            if durable:
-                out.flush()
-                os.fsync(out.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Copy ``source`` to ``target`` atomically (the caller fsyncs the folder once for many files)."""
+    with atomic_output(target, durable=durable) as handle, source.open("rb") as src:
+        shutil.copyfileobj(src, handle, 1 << 20)
     return target

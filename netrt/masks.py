@@ -50,6 +50,14 @@ class RoiReport:
     skipped_contours: tuple[str, ...] = ()  # one sentence per contour that could not be used
 
 
+def kept_names(rois: Sequence[RoiReport]) -> list[str]:
+    return [r.name for r in rois if r.kept]
+
+
+def ignored_names(rois: Sequence[RoiReport]) -> list[str]:
+    return [r.name for r in rois if not r.kept]
+
+
 @dataclass(frozen=True)
 class MergedMask:
     """The OR of the kept ROIs' masks, ``[slice, row, column]`` on the image grid."""
@@ -59,11 +67,11 @@ class MergedMask:
 
     @property
     def kept(self) -> list[str]:
-        return [r.name for r in self.rois if r.kept]
+        return kept_names(self.rois)
 
     @property
     def ignored(self) -> list[str]:
-        return [r.name for r in self.rois if not r.kept]
+        return ignored_names(self.rois)
 
     @property
     def warnings(self) -> list[str]:

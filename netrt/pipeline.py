@@ -19,7 +19,8 @@ import pydicom
 
 from netrt import __version__
 from netrt.config import ProcessingConfig
-from netrt.masks import MergedMask, RoiReport, build_merged_mask
+from netrt.fileio import atomic_output
+from netrt.masks import MergedMask, RoiReport, build_merged_mask, ignored_names, kept_names
 from netrt.overlay import SeriesSettings, write_axial_series, write_reformatted_series
 from netrt.reformat import reformat
 from netrt.study import LoadedStudy, read_image_volume
@@ -39,11 +40,11 @@ class MaskStepResult:
 
     @property
     def kept(self) -> list[str]:
-        return [r.name for r in self.rois if r.kept]
+        return kept_names(self.rois)
 
     @property
     def ignored(self) -> list[str]:
-        return [r.name for r in self.rois if not r.kept]
+        return ignored_names(self.rois)
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,8 @@ def series_settings(processing: ProcessingConfig, plane: str, roi_names: list[st
 
 def save_mask(mask: npt.NDArray[np.bool_], path: Path) -> Path:
     """Store a boolean volume bit-packed (1/8 of its bytes) with its shape."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + ".part")
-    with temp.open("wb") as handle:
+    with atomic_output(path, durable=False) as handle:
         np.savez(handle, bits=np.packbits(mask, axis=None), shape=np.asarray(mask.shape, dtype=np.int64))
-    temp.replace(path)
     return path
 
 
