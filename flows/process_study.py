@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from netrt.study import LoadedStudy, find_studies, load_study
 from prefect import flow, task
 from prefect.runtime import flow_run
 
@@ -20,6 +19,7 @@ from netrt.deliver import DeliveryOutcome, deliver_to_folder
 from netrt.errors import NetrtError
 from netrt.layout import DataLayout
 from netrt.pipeline import MaskStepResult, WrittenSeries, compute_mask, write_plane
+from netrt.study import LoadedStudy, find_studies, load_study
 
 
 def short_study_id(study_instance_uid: str) -> str:
