@@ -4,6 +4,11 @@ Each function is one Prefect task's body (see ``flows/process_study.py``), and t
 also the direct, orchestration-free path the benchmarks compare the flow against. Big objects
 (the volume, the mask) never cross a step boundary: the mask is stored under the study's work dir
 and steps hand each other its path.
+
+The mask always lives on the image series' uniform grid. When the series lacks slices (see
+:attr:`netrt.study.ImageSeries.missing_slices`), the mask on those grid slices is interpolated by
+shape (:func:`fill_missing_mask_slices`), the reformats use the whole grid, and the axial series
+carries only the rows of the slices that were received, one output image per received image.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
+import SimpleITK as sitk
 
 from netrt import __version__
 from netrt.config import ProcessingConfig
@@ -23,7 +30,11 @@ from netrt.fileio import atomic_output
 from netrt.masks import MergedMask, RoiReport, build_merged_mask, ignored_names, kept_names
 from netrt.overlay import SeriesSettings, write_axial_series, write_reformatted_series
 from netrt.reformat import reformat
-from netrt.study import LoadedStudy, read_image_volume
+from netrt.study import ImageSeries, LoadedStudy, read_image_volume
+
+# SimpleITK's SWIG functions carry no annotations; an Any handle keeps mypy --strict quiet without
+# scattering ignores (the same device as in netrt.geometry and netrt.reformat).
+_sitk: Any = sitk
 
 PLANE_NUMBER = {"axial": 1, "coronal": 2, "sagittal": 3}
 BURN_IN_NUMBER_OFFSET = 10
@@ -97,27 +108,97 @@ def load_mask(path: Path) -> npt.NDArray[np.bool_]:
         return np.unpackbits(data["bits"], count=count).astype(bool).reshape(shape)
 
 
+def _slice_signed_distance(mask_slice: npt.NDArray[np.bool_], spacing: tuple[float, float]) -> npt.NDArray[np.float32]:
+    """Twice the signed in-plane distance in mm to the boundary of a non-empty 2-D mask (negative inside).
+
+    As in :mod:`netrt.reformat`, the Maurer map of the mask minus that of its complement is zero
+    half-way between an inside and an outside pixel centre, where the rasteriser's pixel-centre
+    rule puts the boundary, so a shape interpolated between two identical slices is that shape
+    again, not one shrunk by half a pixel. One background pixel of padding gives a mask that fills
+    the whole slice a boundary just outside the image, instead of an empty complement whose map is
+    undefined.
+    """
+    padded = np.pad(mask_slice, 1).astype(np.uint8)
+    image = _sitk.GetImageFromArray(padded)
+    image.SetSpacing(spacing)
+    inside = _sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    outside = _sitk.SignedMaurerDistanceMap(
+        1 - image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    )
+    distance: npt.NDArray[np.float32] = _sitk.GetArrayFromImage(_sitk.Subtract(inside, outside))[1:-1, 1:-1]
+    return distance.astype(np.float32, copy=False)
+
+
+def fill_missing_mask_slices(mask: npt.NDArray[np.bool_], series: ImageSeries) -> npt.NDArray[np.bool_]:
+    """The mask with every missing grid slice of ``series`` filled by shape-based interpolation.
+
+    Contours exist only on received slices, so a missing slice would otherwise be a hole in every
+    structure of the coronal and sagittal overlays. Each missing slice gets the signed distance maps
+    of the nearest received slices below and above, blended linearly by distance along the normal,
+    and is inside where the blend is <= 0: the outline moves smoothly from one contour to the other
+    (what the solid between them does) instead of jumping half-way as a nearest-slice copy would.
+    When either neighbour is empty the slice stays empty: where the anatomy starts or ends inside
+    the gap is unknown, and a structure is not extended beyond its last contoured slice. Voxels the
+    rasteriser already set on a missing slice (a contour drawn there without referencing an image)
+    are kept: drawn data is never replaced by an estimate.
+
+    Returns a new array; ``mask`` is not changed.
+
+    Raises:
+        ValueError: ``mask`` is not on the series' grid.
+    """
+    if mask.shape != series.geometry.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match the series grid {series.geometry.shape}")
+    filled = mask.copy()
+    if not series.missing_slices:
+        return filled
+    spacing = (series.geometry.spacing[0], series.geometry.spacing[1])
+    distances: dict[int, npt.NDArray[np.float32]] = {}
+    for k in series.missing_slices:
+        below, above = series.received_neighbours(k)
+        if not (mask[below].any() and mask[above].any()):
+            continue
+        for neighbour in (below, above):
+            if neighbour not in distances:
+                distances[neighbour] = _slice_signed_distance(mask[neighbour], spacing)
+        weight = (k - below) / (above - below)
+        blended = (1.0 - weight) * distances[below] + weight * distances[above]
+        filled[k] |= blended <= 0
+    return filled
+
+
 def compute_mask(study: LoadedStudy, processing: ProcessingConfig, work_dir: Path) -> MaskStepResult:
-    """Rasterise and merge the kept ROIs on the image grid; store the mask under ``work_dir``."""
+    """Rasterise and merge the kept ROIs on the image grid; store the mask under ``work_dir``.
+
+    Missing slices of the series are filled by :func:`fill_missing_mask_slices`, so the stored
+    mask covers the whole uniform grid; the ROI reports count the rasterised voxels only.
+    """
     merged: MergedMask = build_merged_mask(
         study.rtstruct_file, study.images.geometry, processing.include_rois, processing.ignore_rois
     )
-    mask_path = save_mask(merged.mask, work_dir / f"mask-{settings_key(processing)}.npz")
-    return MaskStepResult(mask_path, merged.rois, tuple(merged.warnings), int(merged.mask.sum()))
+    mask = fill_missing_mask_slices(merged.mask, study.images)
+    mask_path = save_mask(mask, work_dir / f"mask-{settings_key(processing)}.npz")
+    return MaskStepResult(mask_path, merged.rois, tuple(merged.warnings), int(mask.sum()))
 
 
 def write_plane(
     study: LoadedStudy, masks: MaskStepResult, plane: str, processing: ProcessingConfig, work_dir: Path
 ) -> list[WrittenSeries]:
-    """Write the overlay series of one plane (and its burn-in twin when configured) under ``work_dir``."""
+    """Write the overlay series of one plane (and its burn-in twin when configured) under ``work_dir``.
+
+    The axial series is the received images again with their pixels untouched, so it takes the mask
+    rows of the received slices only (``slice_indices``): one output image per received image, and
+    no invented image for a missing slice. Coronal and sagittal sample the whole uniform grid.
+    """
     mask = load_mask(masks.mask_path)
     variants = [False, True] if processing.burn_in else [False]
     written = []
     if plane == "axial":
+        received = mask[list(study.images.slice_indices)]
         for burn_in in variants:
             settings = series_settings(processing, plane, masks.kept, burn_in)
             folder = work_dir / "series" / f"{plane}{'-burn-in' if burn_in else ''}"
-            files = write_axial_series(study.images.files, mask, folder, settings, burn_in=burn_in)
+            files = write_axial_series(study.images.files, received, folder, settings, burn_in=burn_in)
             written.append(_written(plane, burn_in, folder, files))
         return written
     volume = read_image_volume(study.images)

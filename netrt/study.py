@@ -5,6 +5,14 @@ regular grid, and the RTSTRUCT's contours belong to that series. A study that br
 refused *here*, before any pixel is computed, with an error naming the file, the DICOM tag and the
 reason, so that a quarantine reason tells the physicist what to fix without a traceback.
 
+One irregularity is repaired instead of refused, because it is common (a slice lost in transfer or
+deleted at the console) and safe to repair: slices *missing* from an otherwise regular stack. When
+every received slice sits on the regular grid and no gap lacks more than
+:data:`MAX_MISSING_SLICES_PER_GAP` slices, the series is described on the full grid, the missing
+slices are listed (:attr:`ImageSeries.missing_slices`), interpolated by :func:`read_image_volume`,
+and each gap is reported in :attr:`LoadedStudy.warnings`. Anything else (duplicated positions,
+uneven spacing, bigger holes, sheared stacks) is still refused.
+
 This module only reads. Whatever it finds (non-DICOM files, truncated files, a second RTSTRUCT),
 nothing is moved, rewritten or deleted: "nothing lost" is the first promise NETRT makes.
 
@@ -25,9 +33,11 @@ read here is also checked against its size: see :func:`_check_complete`.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +56,7 @@ from pydicom.uid import UID
 from netrt.errors import DicomInputError, NetrtError, StudyValidationError
 from netrt.geometry import (
     ImageGeometry,
+    SliceSpacingReport,
     check_slice_spacing,
     geometry_from_slices,
     orientation_vectors,
@@ -54,6 +65,7 @@ from netrt.geometry import (
 )
 
 FloatArray32 = npt.NDArray[np.float32]
+FloatArray64 = npt.NDArray[np.float64]
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 MEDIA_STORAGE_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
@@ -77,6 +89,13 @@ ORIENTATION_MATCH_TOLERANCE = 1e-4
 PIXEL_SPACING_MATCH_TOLERANCE_MM = 1e-4
 #: How many UIDs or files an error message lists before it says "and N more".
 MAX_LISTED = 5
+#: The most slices one gap may lack and still be filled by interpolation. A single missing slice
+#: between two received ones is bridged from data a slice spacing away on each side; two are still
+#: bridged from the nearest slice within 1.5 spacings. Beyond that the interpolated slices would be
+#: further from any measured data than a radiotherapy contour is from its neighbour, i.e. the
+#: interpolation would invent anatomy (a lesion that starts or ends in the hole is lost or drawn
+#: wrongly), so a bigger gap is refused and the study goes to quarantine with the positions.
+MAX_MISSING_SLICES_PER_GAP = 2
 #: Values longer than this are not read while validating headers (pixel data, large private
 #: blobs); their offset and length are still known, which is all the truncation check needs.
 HEADER_DEFER_SIZE = 4096
@@ -143,7 +162,19 @@ class ImageSeries:
 
     ``files``, ``sop_instance_uids`` and ``positions`` are sorted by increasing position along
     the slice normal (``geometry.normal``), which is the order of the volume's first axis.
-    ``positions`` are those positions in mm.
+    ``positions`` are those positions in mm (of the received files).
+
+    ``geometry`` is the uniform grid from the first to the last received slice. When slices are
+    missing from the stack it has more slices than there are files: ``slice_indices`` gives the
+    grid slice of each file (same order as ``files``) and ``missing_slices`` the grid slices no
+    file covers, which :func:`read_image_volume` and the mask step fill by interpolation. For a
+    complete series ``slice_indices`` is ``0..n-1`` and ``missing_slices`` is empty; both are
+    derived that way when not given. The first and last grid slices are always received ones, so
+    every missing slice has a received neighbour on each side (:meth:`received_neighbours`).
+
+    Raises:
+        ValueError: ``slice_indices`` / ``missing_slices`` do not describe the grid (wrong count,
+            not increasing, outside the grid, overlapping, or an end slice missing).
     """
 
     series_instance_uid: str
@@ -154,6 +185,37 @@ class ImageSeries:
     sop_instance_uids: tuple[str, ...]
     geometry: ImageGeometry
     positions: tuple[float, ...] = ()
+    slice_indices: tuple[int, ...] = ()
+    missing_slices: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        grid_slices = self.geometry.shape[0]
+        indices = tuple(int(i) for i in self.slice_indices) or tuple(range(len(self.files)))
+        if len(indices) != len(self.files) or len(self.sop_instance_uids) != len(self.files):
+            raise ValueError(
+                f"series lists {len(self.files)} files, {len(self.sop_instance_uids)} SOP instance UIDs and "
+                f"{len(indices)} slice indices; one of each per file expected"
+            )
+        if any(b <= a for a, b in pairwise(indices)):
+            raise ValueError(f"slice indices must increase along the normal, got {indices}")
+        if not indices or indices[0] != 0 or indices[-1] != grid_slices - 1:
+            raise ValueError(
+                f"the first and last of the {grid_slices} grid slices must be received slices, got indices {indices}"
+            )
+        present = set(indices)
+        derived = tuple(i for i in range(grid_slices) if i not in present)
+        missing = tuple(int(i) for i in self.missing_slices)
+        if missing and missing != derived:
+            raise ValueError(f"missing slices {missing} are not the grid slices without a file {derived}")
+        object.__setattr__(self, "slice_indices", indices)
+        object.__setattr__(self, "missing_slices", derived)
+
+    def received_neighbours(self, grid_slice: int) -> tuple[int, int]:
+        """The nearest received grid slices below and above a missing one (what it is filled from)."""
+        position = bisect_left(self.slice_indices, grid_slice)
+        if not 0 < position < len(self.slice_indices) or self.slice_indices[position] == grid_slice:
+            raise ValueError(f"grid slice {grid_slice} is not a missing slice of this series")
+        return self.slice_indices[position - 1], self.slice_indices[position]
 
 
 @dataclass(frozen=True)
@@ -824,38 +886,91 @@ def _check_same_plane(slices: list[_Slice]) -> None:
             )
 
 
-def _grid(slices: list[_Slice], series_uid: str) -> tuple[list[_Slice], ImageGeometry, tuple[float, ...]]:
-    """Sort along the normal and build the grid; gaps and uneven spacing are refused.
+@dataclass(frozen=True)
+class _Grid:
+    """The sorted slices of a series and the uniform grid they sit on (see :func:`_grid`)."""
 
-    Non-uniform spacing is refused rather than resampled: resampling onto a uniform grid (where
-    that is safe) is left for a later issue, and until then a study with a gap ends in quarantine
-    with the positions of the gap, instead of yielding masks on the wrong slices.
+    ordered: list[_Slice]
+    geometry: ImageGeometry
+    positions: tuple[float, ...]  # of the received slices, mm along the normal
+    slice_indices: tuple[int, ...]  # grid slice of each received slice
+    missing: tuple[int, ...]  # grid slices without a file
+    warnings: list[str]
+
+
+def _grid_indices(along: FloatArray64, report: SliceSpacingReport) -> tuple[npt.NDArray[np.intp], float] | None:
+    """Grid slice of each sorted position and the grid step, if the only irregularity is missing slices.
+
+    The grid runs from the first to the last position in the whole number of nominal spacings that
+    fits between them (its step is that distance divided evenly, so both ends lie exactly on it, as
+    for a complete series). The positions qualify when each lies within the spacing tolerance of a
+    distinct grid slice and each interval is within tolerance of a whole number of steps: then the
+    stack is a regular one with slices left out. Duplicates (two slices on one grid slice), spacing
+    that is not a multiple of the nominal one and a stack without any gap do not qualify (None).
+    """
+    nominal, tolerance = report.nominal_spacing, report.tolerance
+    if nominal <= tolerance:
+        return None
+    extent = float(along[-1] - along[0])
+    count = round(extent / nominal) + 1
+    if count < 2:
+        return None
+    step = extent / (count - 1)
+    indices = np.rint((along - along[0]) / step).astype(np.intp)
+    counts = np.diff(indices)
+    if np.any(counts < 1) or not np.any(counts > 1):
+        return None
+    if float(np.max(np.abs(along - (along[0] + indices * step)))) > tolerance:
+        return None
+    if float(np.max(np.abs(np.diff(along) - counts * step))) > tolerance:
+        return None
+    return indices, step
+
+
+def _grid(slices: list[_Slice], series_uid: str) -> _Grid:
+    """Sort along the normal and build the uniform grid; missing slices are allowed, nothing else.
+
+    A stack whose only irregularity is slices left out of a regular grid (:func:`_grid_indices`)
+    is described on the full grid, with one warning per gap, as long as no gap lacks more than
+    :data:`MAX_MISSING_SLICES_PER_GAP` slices; a bigger hole is refused as too large to fill
+    safely. Any other non-uniform spacing (duplicates, uneven spacing, drift) is refused with the
+    spacing report, because no uniform grid holds those slices without moving them, and a mask on
+    a moved slice is a mask on the wrong anatomy.
     """
     first = slices[0]
     try:
-        orientation_vectors(first.orientation)
+        _, _, normal = orientation_vectors(first.orientation)
     except StudyValidationError as exc:
         raise StudyValidationError(exc.reason, path=first.path, tag=exc.tag) from exc
     positions = np.array([s.position for s in slices], dtype=np.float64)
     order = spatial_order(positions, first.orientation)
     ordered = [slices[int(i)] for i in order]
     along = slice_positions(positions, first.orientation)[order]
+    ipp = positions[order]
     report = check_slice_spacing(along)
+    indices: npt.NDArray[np.intp] = np.arange(len(ordered), dtype=np.intp)
+    warnings: list[str] = []
+    grid_positions = ipp
     if len(ordered) > 1 and not report.is_uniform:
-        where = "; ".join(
-            f"slice {gap.index} = {ordered[gap.index].path.name}, slice {gap.index + 1} = "
-            f"{ordered[gap.index + 1].path.name}"
-            for gap in report.irregular[:3]
-        )
-        path = ordered[report.irregular[0].index + 1].path if report.irregular else first.path
-        raise StudyValidationError(
-            f"image series {series_uid}: {report.describe()}" + (f" (files: {where})" if where else ""),
-            path=path,
-            tag=TAG_IPP,
-        )
+        on_grid = _grid_indices(along, report)
+        if on_grid is None:
+            where = "; ".join(
+                f"slice {gap.index} = {ordered[gap.index].path.name}, slice {gap.index + 1} = "
+                f"{ordered[gap.index + 1].path.name}"
+                for gap in report.irregular[:3]
+            )
+            path = ordered[report.irregular[0].index + 1].path if report.irregular else first.path
+            raise StudyValidationError(
+                f"image series {series_uid}: {report.describe()}" + (f" (files: {where})" if where else ""),
+                path=path,
+                tag=TAG_IPP,
+            )
+        indices, step = on_grid
+        warnings = _check_gaps(ordered, along, indices, step, series_uid)
+        grid_positions = _grid_positions(ipp, along, indices, step, normal)
     try:
         geometry = geometry_from_slices(
-            positions[order],
+            grid_positions,
             first.orientation,
             first.pixel_spacing,
             first.rows,
@@ -864,7 +979,61 @@ def _grid(slices: list[_Slice], series_uid: str) -> tuple[list[_Slice], ImageGeo
         )
     except StudyValidationError as exc:
         raise StudyValidationError(f"image series {series_uid}: {exc.reason}", path=first.path, tag=exc.tag) from exc
-    return ordered, geometry, tuple(float(p) for p in along)
+    present = set(indices.tolist())
+    missing = tuple(k for k in range(int(indices[-1]) + 1) if k not in present)
+    return _Grid(ordered, geometry, tuple(float(p) for p in along), tuple(int(k) for k in indices), missing, warnings)
+
+
+def _check_gaps(
+    ordered: list[_Slice], along: FloatArray64, indices: npt.NDArray[np.intp], step: float, series_uid: str
+) -> list[str]:
+    """One warning per gap in the stack, or a refusal naming every gap too large to fill safely."""
+    warnings: list[str] = []
+    too_large: list[str] = []
+    for k in np.flatnonzero(np.diff(indices) > 1).tolist():
+        lacking = int(indices[k + 1] - indices[k]) - 1
+        before, after = ordered[k], ordered[k + 1]
+        gap = (
+            f"gap of {float(along[k + 1] - along[k]):.3f} mm between {before.path.name} at {float(along[k]):.3f} mm "
+            f"and {after.path.name} at {float(along[k + 1]):.3f} mm along the slice normal"
+        )
+        if lacking > MAX_MISSING_SLICES_PER_GAP:
+            too_large.append(f"{gap}: {lacking} slices missing")
+            continue
+        filled = ", ".join(f"{float(along[k]) + step * (j + 1):.3f}" for j in range(lacking))
+        warnings.append(
+            f"image series {series_uid}: {gap}; {lacking} missing slice(s) at {filled} mm filled by interpolation "
+            f"(images linearly, the mask by shape) onto the uniform {step:.4g} mm grid; the axial output holds only "
+            "the received slices"
+        )
+    if too_large:
+        first_gap = int(np.flatnonzero(np.diff(indices) > MAX_MISSING_SLICES_PER_GAP + 1)[0])
+        raise StudyValidationError(
+            f"image series {series_uid}: slices are missing and the gap is too large to fill safely by "
+            f"interpolation (at most {MAX_MISSING_SLICES_PER_GAP} missing slices per gap at the nominal spacing "
+            f"{step:.4g} mm; more would invent anatomy): "
+            + "; ".join(too_large[:MAX_LISTED])
+            + (f"; and {len(too_large) - MAX_LISTED} more" if len(too_large) > MAX_LISTED else ""),
+            path=ordered[first_gap + 1].path,
+            tag=TAG_IPP,
+        )
+    return warnings
+
+
+def _grid_positions(
+    ipp: FloatArray64, along: FloatArray64, indices: npt.NDArray[np.intp], step: float, normal: FloatArray64
+) -> FloatArray64:
+    """An IPP for every grid slice, for :func:`geometry_from_slices` to build and check the grid from.
+
+    Received slices keep their in-plane position and are moved along the normal onto the grid (by
+    at most the spacing tolerance), so the shear check still sees exactly where each received slice
+    is; a missing slice takes the in-plane position interpolated between its neighbours, which
+    adds no drift of its own.
+    """
+    moved = ipp + np.outer(along[0] + indices * step - along, normal)
+    grid = np.arange(int(indices[-1]) + 1, dtype=np.float64)
+    out: FloatArray64 = np.column_stack([np.interp(grid, indices, moved[:, axis]) for axis in range(3)])
+    return out
 
 
 def _decode_slice(path: Path, rows: int, columns: int, sop_instance_uid: str) -> npt.NDArray[Any]:
@@ -1004,10 +1173,16 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
     series), resolves the image series it references, and checks that series: supported single-
     frame SOP class, one frame of reference (the RTSTRUCT's too), every referenced image present,
     one orientation, matrix size and pixel spacing, geometry tags present, slices evenly spaced
-    along the normal without gaps, pixel data present with a decoder installed, and the first and
-    last slices decodable. Slices are ordered by position along the normal, never by
-    InstanceNumber or SliceLocation. Non-uniform slice spacing is refused for now: resampling onto
-    a uniform grid is left for a later issue.
+    along the normal, pixel data present with a decoder installed, and the first and last slices
+    decodable. Slices are ordered by position along the normal, never by InstanceNumber or
+    SliceLocation.
+
+    Slices missing from an otherwise regular stack are accepted when no gap lacks more than
+    :data:`MAX_MISSING_SLICES_PER_GAP` slices: the series is described on the full uniform grid
+    (``images.slice_indices`` / ``images.missing_slices``) and each gap gets one sentence in
+    ``warnings`` with its positions in mm, the files on either side and how many slices are filled
+    by interpolation. Larger gaps, duplicated positions, uneven spacing and sheared stacks are
+    refused with the positions and files involved.
 
     Nothing is written, moved or deleted, whether the study passes or not.
 
@@ -1047,7 +1222,9 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
     owner = {inst.sop_instance_uid: uid for uid, group in series.items() for inst in group}
     _check_references(chosen, series_uid, {s.sop_instance_uid for s in slices}, owner)
     _check_same_plane(slices)
-    ordered, geometry, positions = _grid(slices, series_uid)
+    grid = _grid(slices, series_uid)
+    ordered = grid.ordered
+    warnings.extend(grid.warnings)
     for s in {id(ordered[0]): ordered[0], id(ordered[-1]): ordered[-1]}.values():
         _decode_slice(s.path, s.rows, s.columns, s.sop_instance_uid)
 
@@ -1061,8 +1238,10 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
         frame_of_reference_uid=frame,
         files=tuple(s.path for s in ordered),
         sop_instance_uids=tuple(s.sop_instance_uid for s in ordered),
-        geometry=geometry,
-        positions=positions,
+        geometry=grid.geometry,
+        positions=grid.positions,
+        slice_indices=grid.slice_indices,
+        missing_slices=grid.missing,
     )
     return LoadedStudy(
         study_instance_uid=study_uid,
@@ -1076,20 +1255,28 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
 
 
 def read_image_volume(series: ImageSeries) -> FloatArray32:
-    """All slices as float32 ``[slice, row, col]`` in modality units, in the series' spatial order.
+    """The whole grid as float32 ``[slice, row, col]`` in modality units, in spatial order.
 
     CT comes out in HU: pydicom's modality LUT applies each slice's own RescaleSlope and
     RescaleIntercept (they may differ between slices, PET's always do). Compressed transfer
     syntaxes are decoded by pydicom's pixel handlers (pylibjpeg plugins). Each file is checked
     to still be the instance that was validated.
 
+    Received slices are placed on their grid slice untouched. A missing slice (see
+    :attr:`ImageSeries.missing_slices`) is the linear interpolation along the normal of the nearest
+    received slices below and above it, weighted by distance: the reformats need a value on every
+    grid slice, and a straight blend of the two measured neighbours is the estimate that adds
+    nothing the scanner did not see. It is never written back as an axial image.
+
     Raises:
         DicomInputError: a slice is missing, replaced, or its pixel data cannot be decoded (named).
     """
     slices, rows, columns = series.geometry.shape
-    if len(series.files) != slices or len(series.sop_instance_uids) != slices:
-        raise ValueError(f"series lists {len(series.files)} files for a grid of {slices} slices")
     volume = np.empty((slices, rows, columns), dtype=np.float32)
-    for k, (path, sop_uid) in enumerate(zip(series.files, series.sop_instance_uids, strict=True)):
+    for k, path, sop_uid in zip(series.slice_indices, series.files, series.sop_instance_uids, strict=True):
         volume[k] = _decode_slice(path, rows, columns, sop_uid)
+    for k in series.missing_slices:
+        below, above = series.received_neighbours(k)
+        weight = (k - below) / (above - below)
+        volume[k] = (1.0 - weight) * volume[below] + weight * volume[above]
     return volume

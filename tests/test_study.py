@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -375,32 +375,71 @@ def test_inconsistent_orientation(phantom: PhantomManifest) -> None:
     assert "orientation" in str(error)
 
 
-def test_gap_in_slices(phantom: PhantomManifest) -> None:
-    """A series with a slice missing in the middle (the RTSTRUCT not referencing it): gap reported with positions."""
-    gone = phantom.image_files[6]
-    gone_uid = sop_uid(gone)
-    gone.unlink()
+def remove_slices(manifest: PhantomManifest, indices: Sequence[int]) -> list[str]:
+    """Delete image slices (spatial indices) as if they had never been sent, and return their SOP UIDs.
 
-    def drop_reference(ds: Dataset) -> None:
+    The RTSTRUCT copy in the phantom folder is edited too: its ContourImageSequence items and the
+    contours on those slices go, because a structure set that still referenced them would
+    (rightly) be refused for absent images, which is another failure than the one under test.
+    """
+    gone = [manifest.image_files[k] for k in indices]
+    gone_uids = [sop_uid(path) for path in gone]
+    for path in gone:
+        path.unlink()
+
+    def drop_references(ds: Dataset) -> None:
         series = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
         series.ContourImageSequence = [
-            item for item in series.ContourImageSequence if item.ReferencedSOPInstanceUID != gone_uid
+            item for item in series.ContourImageSequence if item.ReferencedSOPInstanceUID not in gone_uids
         ]
         for roi in ds.ROIContourSequence:
             roi.ContourSequence = [
-                c for c in roi.ContourSequence if c.ContourImageSequence[0].ReferencedSOPInstanceUID != gone_uid
+                c for c in roi.ContourSequence if c.ContourImageSequence[0].ReferencedSOPInstanceUID not in gone_uids
             ]
 
-    edit(phantom.rtstruct_file, drop_reference)
+    edit(manifest.rtstruct_file, drop_references)
+    return gone_uids
+
+
+def along_normal(manifest: PhantomManifest, k: int) -> float:
+    """Position (mm) of the phantom's spatial slice ``k`` along its slice normal."""
+    return float(np.dot(manifest.geometry.slice_position(k), np.asarray(manifest.geometry.slice_normal)))
+
+
+def test_one_missing_slice_is_accepted_with_a_warning(phantom: PhantomManifest) -> None:
+    """A slice missing in the middle (the RTSTRUCT not referencing it): loaded on the full grid, gap reported."""
+    before = snapshot(phantom.out_dir / "dicom")
+    remove_slices(phantom, [6])
+    after_removal = snapshot(phantom.out_dir / "dicom")
+    assert len(after_removal) == len(before) - 1
+
+    loaded = load_study(dicom_files(phantom))
+    assert snapshot(phantom.out_dir / "dicom") == after_removal, "the loader changed input files"
+
+    images = loaded.images
+    assert images.slice_indices == (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11)
+    assert images.missing_slices == (6,)
+    assert images.files == tuple(p for k, p in enumerate(phantom.image_files) if k != 6)
+    assert_geometry_matches(loaded, phantom)  # the full 12-slice grid at 4 mm
+    assert len(loaded.warnings) == 1
+    warning = loaded.warnings[0]
+    assert "gap of 8.000 mm" in warning
+    assert f"{along_normal(phantom, 5):.3f} mm" in warning and f"{along_normal(phantom, 7):.3f} mm" in warning
+    assert f"at {along_normal(phantom, 6):.3f} mm" in warning, "the filled position is named"
+    assert phantom.image_files[5].name in warning and phantom.image_files[7].name in warning
+    assert "1 missing slice(s)" in warning and "interpolation" in warning
+
+
+def test_gap_of_three_slices_is_refused(phantom: PhantomManifest) -> None:
+    """More than MAX_MISSING_SLICES_PER_GAP missing in one gap: refused, naming positions and files."""
+    remove_slices(phantom, [5, 6, 7])
     error = load_expecting(StudyValidationError, phantom.out_dir / "dicom")
-    normal = np.asarray(phantom.geometry.slice_normal)
-    below = float(np.dot(phantom.geometry.slice_position(5), normal))
-    above = float(np.dot(phantom.geometry.slice_position(7), normal))
     message = str(error)
-    assert "gap of 8.000 mm" in message
-    assert f"{below:.3f} mm" in message and f"{above:.3f} mm" in message
-    assert phantom.image_files[5].name in message and phantom.image_files[7].name in message
-    assert error.path == phantom.image_files[7]
+    assert "too large to fill safely" in message
+    assert "gap of 16.000 mm" in message and "3 slices missing" in message
+    assert f"{along_normal(phantom, 4):.3f} mm" in message and f"{along_normal(phantom, 8):.3f} mm" in message
+    assert phantom.image_files[4].name in message and phantom.image_files[8].name in message
+    assert error.path == phantom.image_files[8]
     assert error.tag is not None and "ImagePositionPatient" in error.tag
 
 
