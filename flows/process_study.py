@@ -19,7 +19,7 @@ from netrt.deliver import DeliveryOutcome, deliver_to_folder
 from netrt.errors import NetrtError
 from netrt.layout import DataLayout
 from netrt.pipeline import MaskStepResult, WrittenSeries, compute_mask, write_plane
-from netrt.study import LoadedStudy, find_studies, load_study
+from netrt.study import LoadedStudy, find_study, load_study
 
 
 def short_study_id(study_instance_uid: str) -> str:
@@ -35,15 +35,7 @@ def _run_name() -> str:
 
 @task(name="validate")
 def validate(study_dir: str, study_instance_uid: str | None) -> LoadedStudy:
-    candidates = find_studies(Path(study_dir))
-    if study_instance_uid is not None:
-        candidates = [s for s in candidates if s.study_instance_uid == study_instance_uid]
-    if len(candidates) != 1:
-        found = len(candidates)
-        raise NetrtError(
-            f"{study_dir}: expected one study{' with that UID' if study_instance_uid else ''}, found {found}"
-        )
-    return load_study(candidates[0].files)
+    return load_study(find_study(Path(study_dir), study_instance_uid).files)
 
 
 @task(name="extract-masks")

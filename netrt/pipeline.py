@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 import SimpleITK as sitk
 
 from netrt import __version__
 from netrt.config import ProcessingConfig
 from netrt.fileio import atomic_output
 from netrt.masks import MergedMask, RoiReport, build_merged_mask, ignored_names, kept_names
-from netrt.overlay import SeriesSettings, write_axial_series, write_reformatted_series
+from netrt.overlay import SeriesSettings, output_series_uid, write_axial_series, write_reformatted_series
 from netrt.reformat import reformat
 from netrt.study import ImageSeries, LoadedStudy, read_image_volume
 
@@ -191,27 +190,25 @@ def write_plane(
     no invented image for a missing slice. Coronal and sagittal sample the whole uniform grid.
     """
     mask = load_mask(masks.mask_path)
-    variants = [False, True] if processing.burn_in else [False]
-    written = []
     if plane == "axial":
         received = mask[list(study.images.slice_indices)]
-        for burn_in in variants:
-            settings = series_settings(processing, plane, masks.kept, burn_in)
-            folder = work_dir / "series" / f"{plane}{'-burn-in' if burn_in else ''}"
-            files = write_axial_series(study.images.files, received, folder, settings, burn_in=burn_in)
-            written.append(_written(plane, burn_in, folder, files))
-        return written
-    volume = read_image_volume(study.images)
-    planar = reformat(volume, mask, study.images.geometry, plane, processing.reformat_spacing_mm)
-    del volume
-    for burn_in in variants:
+
+        def write(folder: Path, settings: SeriesSettings, burn_in: bool) -> list[Path]:
+            return write_axial_series(study.images.files, received, folder, settings, burn_in=burn_in)
+
+    else:
+        volume = read_image_volume(study.images)
+        planar = reformat(volume, mask, study.images.geometry, plane, processing.reformat_spacing_mm)
+        del volume
+
+        def write(folder: Path, settings: SeriesSettings, burn_in: bool) -> list[Path]:
+            return write_reformatted_series(planar, study.images.files[0], folder, settings, burn_in=burn_in)
+
+    written = []
+    for burn_in in [False, True] if processing.burn_in else [False]:
         settings = series_settings(processing, plane, masks.kept, burn_in)
         folder = work_dir / "series" / f"{plane}{'-burn-in' if burn_in else ''}"
-        files = write_reformatted_series(planar, study.images.files[0], folder, settings, burn_in=burn_in)
-        written.append(_written(plane, burn_in, folder, files))
+        files = write(folder, settings, burn_in)
+        series_uid = output_series_uid(study.images.series_instance_uid, plane, settings.settings_key, burn_in)
+        written.append(WrittenSeries(plane, burn_in, series_uid, folder, tuple(files)))
     return written
-
-
-def _written(plane: str, burn_in: bool, folder: Path, files: list[Path]) -> WrittenSeries:
-    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID) if files else ""
-    return WrittenSeries(plane, burn_in, series_uid, folder, tuple(files))

@@ -434,6 +434,21 @@ def find_studies(root: Path) -> list[StudyFiles]:
     return [StudyFiles(uid, tuple(inst.path for inst in studies[uid]), skipped_tuple) for uid in sorted(studies)]
 
 
+def find_study(root: Path, study_instance_uid: str | None = None) -> StudyFiles:
+    """The one study under ``root`` (the one with ``study_instance_uid`` when given).
+
+    Raises:
+        StudyValidationError: no such study, or several studies and no UID to choose one.
+    """
+    studies = find_studies(root)
+    if study_instance_uid is not None:
+        studies = [s for s in studies if s.study_instance_uid == study_instance_uid]
+    if len(studies) != 1:
+        wanted = f"study {study_instance_uid}" if study_instance_uid else "exactly one study"
+        raise StudyValidationError(f"expected {wanted}, found {len(studies)} matching", path=root)
+    return studies[0]
+
+
 # --------------------------------------------------------------------------------------------
 # RTSTRUCT references
 # --------------------------------------------------------------------------------------------
