@@ -33,6 +33,11 @@ class DataLayout:
         return self.root / "studies"
 
     @property
+    def processed(self) -> Path:
+        """Studies whose flow run succeeded, moved here from studies/ (kept; never deleted by NETRT)."""
+        return self.root / "processed"
+
+    @property
     def quarantine(self) -> Path:
         """Studies that failed for good, each with a reason.json; never deleted but by purge."""
         return self.root / "quarantine"
@@ -74,6 +79,6 @@ class DataLayout:
         return area / checked_uid(study_uid, "StudyInstanceUID")
 
     def create(self) -> DataLayout:
-        for folder in (self.incoming, self.studies, self.quarantine, self.logs, self.work, self.cache):
+        for folder in (self.incoming, self.studies, self.processed, self.quarantine, self.logs, self.work, self.cache):
             folder.mkdir(parents=True, exist_ok=True)
         return self
