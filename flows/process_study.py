@@ -1,30 +1,78 @@
 """The `process-study` flow: one run per study, each step a thin task over `netrt.pipeline`.
 
-Tasks exchange paths, UIDs and small reports only. Run names carry a short pseudonymous study id
-(a hash of the StudyInstanceUID), never patient data.
+validate -> anonymize -> extract-masks -> write-<plane> (concurrently) -> preview -> deliver-<name>
+(concurrently, one per destination). Tasks exchange paths, UIDs and small reports only.
+
+Caching: the deterministic tasks (anonymize, extract-masks, write-<plane>, preview) cache on an
+explicit key built from the content of the study's files (:func:`netrt.pipeline.study_fingerprint`),
+the config section that shapes their output, the anonymization secret's digest and NETRT's
+version; their results (paths) persist under ``<data_dir>/cache/results`` and their files under
+``<data_dir>/work/<study>/<key>/``, so a re-run of an unchanged study, e.g. a quarantine retry
+after a failed delivery, only delivers. A cache hit whose files have gone is recomputed.
+Delivery is never cached; it is retried per destination with backoff.
+
+Failure: any stage that fails for good puts the study in quarantine (`netrt.quarantine`) with its
+stage, the error (scrubbed of patient data when anonymization is on) and the flow-run id, and the
+run ends Failed with that scrubbed message.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from prefect import flow, task
+from prefect import Task, flow, task
+from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
+from prefect.states import State
 
-from netrt.config import DicomDestination, FolderDestination, ProcessingConfig, load_config
+from netrt.anonymize import load_or_create_secret, map_uid, public_study_uid, scrub_text
+from netrt.config import (
+    AnonymizationConfig,
+    DicomDestination,
+    FolderDestination,
+    NetrtConfig,
+    ProcessingConfig,
+    load_config,
+)
 from netrt.deliver import DeliveryOutcome, deliver_to_folder
-from netrt.errors import NetrtError
+from netrt.errors import DeliveryError, StudyFailedError
+from netrt.fileio import move_folder
 from netrt.layout import DataLayout
-from netrt.pipeline import MaskStepResult, WrittenSeries, compute_mask, write_plane
+from netrt.logs import TransactionLog
+from netrt.pipeline import (
+    AnonymizeStepResult,
+    MaskStepResult,
+    WrittenSeries,
+    anonymize_step,
+    compute_mask,
+    content_key,
+    preview_step,
+    settings_key,
+    study_fingerprint,
+    study_identifiers,
+    write_plane,
+)
+from netrt.quarantine import entry_id_for, quarantine_study, read_entry, release
+from netrt.report import StageTiming, StudyReport, render_markdown
 from netrt.study import LoadedStudy, find_study, load_study
+from netrt.uids import is_valid_uid
+
+R = TypeVar("R")
 
 
-def short_study_id(study_instance_uid: str) -> str:
-    """8 hex characters of a hash of the StudyInstanceUID: tells runs apart, reveals nothing."""
-    return hashlib.sha256(study_instance_uid.encode("ascii")).hexdigest()[:8]
+def short_study_id(study_key: str) -> str:
+    """8 hex characters of a hash of a study's public UID (or folder): tells runs apart, reveals nothing."""
+    return hashlib.sha256(study_key.encode("utf-8")).hexdigest()[:8]
 
 
 def _run_name() -> str:
@@ -33,61 +81,399 @@ def _run_name() -> str:
     return f"study-{short_study_id(key)}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
 
 
+def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """The explicit ``cache_key`` parameter the flow computed; None (no caching) when it passes none."""
+    key = parameters.get("cache_key")
+    return None if key is None else str(key)
+
+
+# --- tasks: each a few lines over netrt -------------------------------------------------------
+
+
 @task(name="validate")
-def validate(study_dir: str, study_instance_uid: str | None) -> LoadedStudy:
-    return load_study(find_study(Path(study_dir), study_instance_uid).files)
+def validate(study_dir: str, study_instance_uid: str | None) -> tuple[LoadedStudy, str]:
+    study = load_study(find_study(Path(study_dir), study_instance_uid).files)
+    return study, study_fingerprint(study)
 
 
-@task(name="extract-masks")
-def extract_masks(study: LoadedStudy, processing: ProcessingConfig, work_dir: str) -> MaskStepResult:
+@task(name="anonymize", cache_key_fn=_cache_key, persist_result=True)
+def anonymize(
+    study: LoadedStudy, anonymization: AnonymizationConfig, data_dir: str, out_dir: str, cache_key: str | None
+) -> AnonymizeStepResult:
+    secret = load_or_create_secret(anonymization, Path(data_dir)) if anonymization.enabled else b""
+    return anonymize_step(study, anonymization, secret, Path(out_dir))
+
+
+@task(name="extract-masks", cache_key_fn=_cache_key, persist_result=True)
+def extract_masks(study: LoadedStudy, processing: ProcessingConfig, work_dir: str, cache_key: str) -> MaskStepResult:
     return compute_mask(study, processing, Path(work_dir))
 
 
-@task(name="write-plane", task_run_name="write-{plane}")
+@task(name="write-plane", task_run_name="write-{plane}", cache_key_fn=_cache_key, persist_result=True)
 def write_plane_series(
-    study: LoadedStudy, masks: MaskStepResult, plane: str, processing: ProcessingConfig, work_dir: str
+    study: LoadedStudy, masks: MaskStepResult, plane: str, processing: ProcessingConfig, work_dir: str, cache_key: str
 ) -> list[WrittenSeries]:
     return write_plane(study, masks, plane, processing, Path(work_dir))
 
 
-@task(name="deliver", task_run_name="deliver-{destination.name}")
-def deliver(destination: FolderDestination | DicomDestination, files: list[Path]) -> DeliveryOutcome:
+@task(name="preview", cache_key_fn=_cache_key, persist_result=True)
+def preview(study: LoadedStudy, masks: MaskStepResult, path: str, cache_key: str) -> str:
+    return str(preview_step(study, masks, Path(path)).path)
+
+
+def _retry_if_waiting_may_heal(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry a delivery unless its error says waiting cannot heal it (e.g. called AE title unknown)."""
+    try:
+        state.result()
+    except DeliveryError as exc:
+        return exc.retryable
+    except Exception:  # an unexpected error (disk, network): give the configured retries a chance
+        return True
+    return False
+
+
+@task(name="deliver", task_run_name="deliver-{destination.name}", retry_condition_fn=_retry_if_waiting_may_heal)
+def deliver(
+    destination: FolderDestination | DicomDestination,
+    files: list[Path],
+    calling_ae_title: str,
+    progress_file: str,
+) -> DeliveryOutcome:
     if isinstance(destination, FolderDestination):
         return deliver_to_folder(destination.name, destination.path, files)
-    raise NetrtError(f"destination {destination.name!r}: C-STORE delivery is not implemented yet")
+    from netrt.send import send_to_dicom
+
+    return send_to_dicom(destination, files, calling_ae_title=calling_ae_title, progress_file=Path(progress_file))
+
+
+# --- the flow ---------------------------------------------------------------------------------
+
+
+def _backoff(first: float, retries: int) -> list[float]:
+    return [first * 2**attempt for attempt in range(retries)]
+
+
+class _Run:
+    """Bookkeeping of one flow run: the current stage, timings, cache hits, and message scrubbing."""
+
+    def __init__(self, config: NetrtConfig, layout: DataLayout, secret: bytes, report: StudyReport) -> None:
+        self.config = config
+        self.layout = layout
+        self.secret = secret
+        self.report = report
+        self.stage = "validate"
+        self.results = LocalFileSystem(basepath=str(layout.cache / "results"))
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[StageTiming]:
+        self.stage = stage
+        timing = StageTiming(stage, 0.0)
+        start = time.perf_counter()
+        try:
+            yield timing
+        finally:
+            timing.seconds = time.perf_counter() - start
+            self.report.stages.append(timing)
+
+    def cached_call(self, task_: Task[..., R], timing: StageTiming, present: Callable[[R], bool], **kwargs: Any) -> R:
+        """Run a cacheable task; note a cache hit; recompute when a hit's files are gone."""
+        runnable = task_.with_options(result_storage=self.results, retries=self._retries_for(task_.name))
+        state = runnable(**kwargs, return_state=True)
+        result: R = state.result()
+        if state.name == "Cached" and not present(result):
+            state = runnable.with_options(refresh_cache=True)(**kwargs, return_state=True)
+            result = state.result()
+        timing.cached = timing.cached or state.name == "Cached"
+        return result
+
+    def _retries_for(self, task_name: str) -> int:
+        retries = self.config.retries
+        return {"anonymize": retries.anonymize, "extract-masks": retries.extract_masks}.get(task_name, retries.write)
+
+    def public(self, study_instance_uid: str) -> str:
+        return public_study_uid(study_instance_uid, self.config.anonymization, self.secret)
+
+    def scrub(self, text: str, files: list[Path]) -> str:
+        """``text`` without patient identifiers (and, in full mode, with original UIDs mapped)."""
+        anonymization = self.config.anonymization
+        if not anonymization.enabled:
+            return text
+        found = study_identifiers(files)
+        if anonymization.mode == "full":
+            for uid in found.uids:
+                text = text.replace(uid, map_uid(uid, self.secret))
+        return scrub_text(text, found.patient)
+
+
+def _files_of(source: Path, study_instance_uid: str | None) -> list[Path]:
+    """The failed study's own files (not its neighbours' in a shared folder); every file when unsure."""
+    try:
+        return list(find_study(source, study_instance_uid).files)
+    except Exception:  # the study may be unreadable: that may be why it failed
+        if source.is_dir():
+            return [p for p in sorted(source.rglob("*")) if p.is_file()]
+        return [source] if source.exists() else []
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, DeliveryError):
+        return exc.retryable
+    if isinstance(exc, StudyFailedError):
+        return exc.retryable
+    return isinstance(exc, OSError)
 
 
 @flow(name="process-study", flow_run_name=_run_name)
 def process_study(
     study_dir: str, config_file: str | None = None, study_instance_uid: str | None = None
 ) -> dict[str, Any]:
-    """Validate, mask, write each configured plane, deliver to every destination; return a summary."""
+    """Validate, anonymize, mask, write each configured plane, deliver; return the run summary.
+
+    Parameters: ``study_dir``, the folder holding the study's files (``<data_dir>/studies/<uid>``
+    for received studies; a study there moves to ``processed/`` on success and to ``quarantine/``
+    on failure); ``config_file``, NETRT's YAML (null: defaults); ``study_instance_uid``, which study
+    in ``study_dir`` (null: the only one).
+    """
     config = load_config(config_file)
     layout = DataLayout.from_data_dir(config.paths.data_dir).create()
-    study = validate(study_dir, study_instance_uid)
-    work_dir = str(layout.study_dir(layout.work, study.study_instance_uid))
-    masks = extract_masks(study, config.processing, work_dir)
-    futures = [
-        write_plane_series.submit(study, masks, plane, config.processing, work_dir)
-        for plane in config.processing.planes
+    anonymization = config.anonymization
+    secret = load_or_create_secret(anonymization, layout.root) if anonymization.enabled else b""
+    transactions = TransactionLog(layout.transaction_log)
+    run_id = str(flow_run.id) if flow_run.id else None
+    label = study_instance_uid if study_instance_uid and is_valid_uid(study_instance_uid) else None
+    report = StudyReport(study="unknown", flow_run_id=run_id)
+    run = _Run(config, layout, secret, report)
+    report.anonymization = f"{anonymization.mode} mode" if anonymization.enabled else "off"
+    if label is not None:
+        report.study = run.public(label)
+    transactions.record("flow run started", study_instance_uid=report.study, flow_run_id=run_id)
+    source = Path(study_dir)
+    try:
+        summary = _process(run, source, study_instance_uid, transactions)
+    except Exception as exc:
+        files = _files_of(source, study_instance_uid)
+        message = run.scrub(str(exc) or type(exc).__name__, files)
+        retryable = _is_retryable(exc)
+        entry = quarantine_study(
+            layout,
+            source,
+            files,
+            entry_id=entry_id_for(layout, source, label),
+            stage=run.stage,
+            error=message,
+            retryable=retryable,
+            flow_run_id=run_id,
+            study=report.study,
+            details={"destinations": report.destinations} if report.destinations else None,
+        )
+        report.failed_stage, report.error, report.quarantine_id = run.stage, message, entry.id
+        transactions.record(
+            "quarantined",
+            study_instance_uid=report.study,
+            flow_run_id=run_id,
+            stage=run.stage,
+            reason=message,
+            attempts=entry.attempts,
+            quarantine_id=entry.id if not anonymization.enabled or anonymization.mode != "full" else None,
+        )
+        _publish(run, None)
+        raise StudyFailedError(
+            f"study {report.study} failed at {run.stage}: {message} (quarantined: {entry.id})",
+            run.stage,
+            entry.id,
+            retryable,
+        ) from None
+    _finish(run, source, label, transactions)
+    return summary
+
+
+def _process(run: _Run, source: Path, study_instance_uid: str | None, transactions: TransactionLog) -> dict[str, Any]:
+    config, layout, report = run.config, run.layout, run.report
+    with run.timed("validate"):
+        original, fingerprint = validate.with_options(retries=config.retries.validate_)(str(source), study_instance_uid)
+    report.study = run.public(original.study_instance_uid)
+    work = layout.study_dir(layout.work, report.study)
+
+    anonymization = config.anonymization
+    anon_key = content_key(
+        "anonymize",
+        fingerprint,
+        anonymization.model_dump(mode="json"),
+        hashlib.sha256(run.secret).hexdigest(),
+    )
+    with run.timed("anonymize") as timing:
+        anonymized = run.cached_call(
+            anonymize,
+            timing,
+            lambda r: all(p.exists() for p in [*r.study.images.files, r.study.rtstruct_file]),
+            study=original,
+            anonymization=anonymization,
+            data_dir=str(layout.root),
+            out_dir=str(work / f"anonymized-{anon_key[:12]}"),
+            cache_key=anon_key if anonymization.enabled else None,
+        )
+    study = anonymized.study if anonymization.enabled else original
+    report.warnings += list(study.warnings)
+
+    mask_key = content_key("mask", anon_key, settings_key(config.processing))
+    keyed_work = work / mask_key[:12]
+    with run.timed("extract-masks") as timing:
+        masks = run.cached_call(
+            extract_masks,
+            timing,
+            lambda r: r.mask_path.exists(),
+            study=study,
+            processing=config.processing,
+            work_dir=str(keyed_work),
+            cache_key=mask_key,
+        )
+    report.rois = [{"name": r.name, "kept": r.kept, "voxels": r.voxel_count, "reason": r.reason} for r in masks.rois]
+    report.warnings += list(masks.warnings)
+
+    with run.timed("write") as timing:
+        written: list[WrittenSeries] = []
+        for plane in config.processing.planes:
+            written += run.cached_call(
+                write_plane_series,
+                timing,
+                lambda r: all(p.exists() for s in r for p in s.files),
+                study=study,
+                masks=masks,
+                plane=plane,
+                processing=config.processing,
+                work_dir=str(keyed_work),
+                cache_key=content_key("write", mask_key, plane),
+            )
+    report.series = [
+        {
+            "plane": s.plane,
+            "burn_in": s.burn_in,
+            "series_instance_uid": s.series_instance_uid,
+            "instances": len(s.files),
+        }
+        for s in written
     ]
-    written = [series for future in futures for series in future.result()]
+    with run.timed("preview") as timing:
+        report.preview_path = run.cached_call(
+            preview,
+            timing,
+            lambda r: Path(r).exists(),
+            study=study,
+            masks=masks,
+            path=str(keyed_work / "preview.png"),
+            cache_key=content_key("preview", mask_key),
+        )
+    transactions.record(
+        "processed",
+        study_instance_uid=report.study,
+        flow_run_id=report.flow_run_id,
+        counts={f"{s.plane}{'-burn-in' if s.burn_in else ''}": len(s.files) for s in written},
+    )
+
     files = [path for series in written for path in series.files]
-    outcomes = [deliver(destination, files) for destination in config.effective_destinations()]
+    with run.timed("deliver"):
+        _deliver_all(run, files, keyed_work, transactions)
     return {
-        "study_instance_uid": study.study_instance_uid,
+        "study_instance_uid": report.study,
         "rois_kept": masks.kept,
         "rois_ignored": masks.ignored,
         "mask_voxels": masks.voxel_count,
-        "warnings": [*study.warnings, *masks.warnings],
-        "series": [
-            {
-                "plane": s.plane,
-                "burn_in": s.burn_in,
-                "series_instance_uid": s.series_instance_uid,
-                "instances": len(s.files),
-            }
-            for s in written
-        ],
-        "destinations": [{"name": o.destination, "instances": o.instances_sent, "ok": o.ok} for o in outcomes],
+        "warnings": report.warnings,
+        "series": report.series,
+        "destinations": report.destinations,
+        "stages": report.as_dict()["stages"],
+        "preview": report.preview_path,
+        "flow_run_id": report.flow_run_id,
     }
+
+
+def _deliver_all(run: _Run, files: list[Path], keyed_work: Path, transactions: TransactionLog) -> None:
+    """Deliver to every destination at once; one failing does not stop or repeat the others."""
+    config, report = run.config, run.report
+    futures = []
+    for destination in config.effective_destinations():
+        name_key = hashlib.sha256(destination.name.encode("utf-8")).hexdigest()[:12]
+        calling = getattr(destination, "calling_ae_title", None) or config.listener.ae_title
+        retries = destination.retries
+        task_ = deliver.with_options(
+            retries=retries, retry_delay_seconds=_backoff(destination.retry_delay_seconds, retries) or 0
+        )
+        future = task_.submit(destination, files, calling, str(keyed_work / "delivery" / f"{name_key}.jsonl"))
+        futures.append((destination, future))
+    failures: list[str] = []
+    all_retryable = True
+    for destination, future in futures:
+        try:
+            outcome: DeliveryOutcome = future.result()
+        except Exception as exc:
+            retryable = _is_retryable(exc)
+            all_retryable = all_retryable and retryable
+            detail = str(exc)
+            failures.append(f"{destination.name}: {detail}")
+            report.destinations.append({"name": destination.name, "ok": False, "instances": 0, "detail": detail})
+            transactions.record(
+                "delivery failed",
+                study_instance_uid=report.study,
+                destination=destination.name,
+                flow_run_id=report.flow_run_id,
+                reason=run.scrub(detail, files),
+            )
+            continue
+        report.destinations.append(
+            {
+                "name": outcome.destination,
+                "ok": outcome.ok,
+                "instances": outcome.instances_sent,
+                "detail": outcome.detail,
+            }
+        )
+        transactions.record(
+            "delivered",
+            study_instance_uid=report.study,
+            destination=outcome.destination,
+            flow_run_id=report.flow_run_id,
+            counts={"instances": outcome.instances_sent, "failed": outcome.instances_failed},
+        )
+    if failures:
+        raise StudyFailedError(
+            "delivery failed: " + "; ".join(failures), "deliver", quarantine_id=None, retryable=all_retryable
+        )
+
+
+def _finish(run: _Run, source: Path, label: str | None, transactions: TransactionLog) -> None:
+    """After success: move a received study on to processed/, release a quarantine entry, publish."""
+    layout = run.layout
+    resolved = source.resolve()
+    entry_id = entry_id_for(layout, source, label)
+    if resolved.parent == layout.studies and resolved.is_dir():
+        move_folder(resolved, layout.processed / resolved.name)
+    try:
+        entry = read_entry(layout, entry_id)
+    except Exception:
+        entry = None
+    if entry is not None and release(layout, entry_id):
+        transactions.record(
+            "released from quarantine",
+            study_instance_uid=run.report.study,
+            flow_run_id=run.report.flow_run_id,
+            attempts=entry.attempts,
+        )
+    _publish(run, Path(run.report.preview_path) if run.report.preview_path else None)
+
+
+def _publish(run: _Run, preview_png: Path | None) -> None:
+    """Markdown summary and PNG preview as keyed artifacts (history per study), and files under the data dir."""
+    report = run.report
+    markdown = render_markdown(report)
+    key = f"study-{short_study_id(report.study)}"
+    folder = run.layout.study_dir(run.layout.work, report.study) if is_valid_uid(report.study) else run.layout.work
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.md").write_text(markdown, encoding="utf-8")
+    create_markdown_artifact(markdown, key=f"{key}-summary", description=f"NETRT run summary of study {report.study}")
+    if preview_png is not None and preview_png.exists():
+        encoded = base64.b64encode(preview_png.read_bytes()).decode("ascii")
+        create_image_artifact(
+            image_url=f"data:image/png;base64,{encoded}",
+            key=f"{key}-preview",
+            description=f"Axial, coronal and sagittal mid-slices with the mask in red; file: {preview_png}",
+        )

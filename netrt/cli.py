@@ -20,7 +20,7 @@ from netrt import __version__
 from netrt.config import NetrtConfig, dump_config, load_config
 from netrt.errors import NetrtError
 from netrt.layout import DataLayout
-from netrt.logs import setup_logging
+from netrt.logs import TransactionLog, setup_logging
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -93,6 +93,11 @@ def _use_running_local_server(config: NetrtConfig) -> bool:
     return is_healthy(local_api_url(config), timeout=1.0)
 
 
+def _prepare_flow_runs(config: NetrtConfig) -> None:
+    """Point Prefect at the configured or running local server; else a temporary one for this command."""
+    _apply_prefect_environment(config, with_api_url=_use_running_local_server(config))
+
+
 def cmd_process(args: argparse.Namespace) -> int:
     """Run the process-study flow for every study under PATH; one line per study."""
     config = _config(args)
@@ -106,8 +111,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     studies = find_studies(root)
     if not studies:
         raise NetrtError(f"{root}: no DICOM study found")
-    # Without a running server Prefect starts a temporary local one for this command.
-    _apply_prefect_environment(config, with_api_url=_use_running_local_server(config))
+    _prepare_flow_runs(config)
     from flows.process_study import process_study
 
     failures = 0
@@ -134,6 +138,75 @@ def cmd_process(args: argparse.Namespace) -> int:
         for warning in summary["warnings"]:
             print(f"  warning: {warning}", flush=True)
     return EXIT_OK if failures == 0 else EXIT_FAILURE
+
+
+# --- quarantine -----------------------------------------------------------------------------
+
+
+def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    """One line per quarantined study: id, stage, attempts, status and reason."""
+    from netrt.quarantine import list_entries
+
+    entries = list_entries(DataLayout.from_data_dir(_config(args).paths.data_dir))
+    if not entries:
+        print("the quarantine is empty")
+    for entry in entries:
+        print(entry.summary_line())
+    return EXIT_OK
+
+
+def cmd_quarantine_show(args: argparse.Namespace) -> int:
+    from netrt.quarantine import read_entry, reason_json
+
+    entry = read_entry(DataLayout.from_data_dir(_config(args).paths.data_dir), args.id)
+    files = [p for p in entry.input_dir.rglob("*") if p.is_file()] if entry.input_dir.is_dir() else []
+    print(f"{entry.id}: {len(files)} input files in {entry.input_dir}")
+    print(reason_json(entry))
+    return EXIT_OK
+
+
+def cmd_quarantine_retry(args: argparse.Namespace) -> int:
+    """Run the flow again for one or every quarantined study; exit 0 only when every one succeeded."""
+    from netrt.quarantine import begin_retry, checked_entry_id, list_entries
+
+    config = _config(args)
+    layout = DataLayout.from_data_dir(config.paths.data_dir).create()
+    setup_logging(layout.app_log, console=False)
+    if args.all == (args.id is not None):
+        raise NetrtError("give either a quarantine ID or --all")
+    ids = [e.id for e in list_entries(layout)] if args.all else [checked_entry_id(args.id)]
+    if not ids:
+        print("the quarantine is empty")
+        return EXIT_OK
+    _prepare_flow_runs(config)
+    from flows.process_study import process_study
+
+    failures = 0
+    for entry_id in ids:
+        study_dir = begin_retry(layout, entry_id)
+        try:
+            summary = process_study(study_dir=str(study_dir), config_file=args.config)
+        except Exception as exc:  # the flow has put the study back in quarantine with the new reason
+            failures += 1
+            print(f"{entry_id}: FAILED again: {exc}", flush=True)
+            continue
+        delivered = ", ".join(f"{d['name']} {d['instances']}" for d in summary["destinations"])
+        print(f"{entry_id}: ok: delivered to {delivered}; released from quarantine", flush=True)
+    return EXIT_OK if failures == 0 else EXIT_FAILURE
+
+
+def cmd_quarantine_purge(args: argparse.Namespace) -> int:
+    """Delete one quarantined study for good (the only way NETRT deletes received data)."""
+    from netrt.quarantine import purge
+
+    config = _config(args)
+    layout = DataLayout.from_data_dir(config.paths.data_dir)
+    entry = purge(layout, args.id)
+    TransactionLog(layout.transaction_log).record(
+        "purged from quarantine", study_instance_uid=entry.study, attempts=entry.attempts
+    )
+    print(f"{entry.id}: purged ({entry.folder} deleted)")
+    return EXIT_OK
 
 
 # --- serve ----------------------------------------------------------------------------------
@@ -214,6 +287,30 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("path", metavar="PATH")
     process.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
     process.set_defaults(handler=cmd_process)
+
+    quarantine = commands.add_parser(
+        "quarantine",
+        help="list, show, retry or purge studies that failed for good",
+        description="Failed studies wait in <data_dir>/quarantine/<id>/ (input/ untouched, reason.json). "
+        "Nothing there is deleted except by `purge`.",
+    )
+    quarantine_commands = quarantine.add_subparsers(dest="quarantine_command", metavar="ACTION", required=True)
+    q_list = quarantine_commands.add_parser("list", help="one line per study: id, stage, attempts, status, reason")
+    q_list.set_defaults(handler=cmd_quarantine_list)
+    q_show = quarantine_commands.add_parser("show", help="the reason.json of one study and where its files are")
+    q_show.add_argument("id", metavar="ID")
+    q_show.set_defaults(handler=cmd_quarantine_show)
+    q_retry = quarantine_commands.add_parser(
+        "retry", help="run the flow again for ID (or --all); exit 0 only when every retried study succeeded"
+    )
+    q_retry.add_argument("id", metavar="ID", nargs="?")
+    q_retry.add_argument("--all", action="store_true", help="retry every quarantined study")
+    q_retry.set_defaults(handler=cmd_quarantine_retry)
+    q_purge = quarantine_commands.add_parser("purge", help="delete study ID and its quarantine entry for good")
+    q_purge.add_argument("id", metavar="ID")
+    q_purge.set_defaults(handler=cmd_quarantine_purge)
+    for sub in (q_list, q_show, q_retry, q_purge):
+        sub.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
 
     config = commands.add_parser("config", help="check or show a configuration file")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)

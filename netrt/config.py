@@ -115,6 +115,55 @@ class AnonymizationConfig(_Section):
         default_factory=lambda: ["AccessionNumber", "PatientID"],
         description="DICOM keywords emptied (Type 2) or removed (Type 3) in partial mode.",
     )
+    pseudonym_prefix: str = Field(
+        default="ANON-",
+        pattern=r"^[A-Za-z0-9._-]{0,32}$",
+        description="Full mode: PatientID and PatientName become this prefix plus 16 hex digits of a keyed hash "
+        "of the patient's identity (letters, digits, '.', '_', '-'; at most 32 characters).",
+    )
+    secret_file: Path | None = Field(
+        default=None,
+        description="Full mode: file with the secret key of pseudonyms, UID mapping and date shifts; null: "
+        "<data_dir>/secret.key, created (mode 0600) on first use. Same secret -> same pseudonyms and UIDs.",
+    )
+    mapping_file: Path | None = Field(
+        default=None,
+        description="Full mode: re-identification file (JSON lines, original patient and study -> pseudonym and "
+        "new StudyInstanceUID), owner-only (0600); null: none is written.",
+    )
+    retain_longitudinal_modified_dates: bool = Field(
+        default=False,
+        description="Full mode: shift dates by one keyed number of days per patient instead of removing them "
+        "(PS3.15 Retain Longitudinal Temporal Information with Modified Dates Option).",
+    )
+    max_date_shift_days: int = Field(
+        default=3650,
+        ge=1,
+        le=36500,
+        description="Full mode with modified dates: dates move back by 1 to this many days (same shift per patient).",
+    )
+    retain_patient_characteristics: bool = Field(
+        default=False,
+        description="Full mode: keep sex, age, size, weight and the like (Retain Patient Characteristics Option).",
+    )
+    retain_device_identity: bool = Field(
+        default=False,
+        description="Full mode: keep station names, serial numbers, device IDs (Retain Device Identity Option).",
+    )
+    retain_institution_identity: bool = Field(
+        default=False,
+        description="Full mode: keep institution name, address, department (Retain Institution Identity Option).",
+    )
+    clean_descriptors: bool = Field(
+        default=True,
+        description="Full mode: keep descriptions and labels (ROI names included) with the patient's names, IDs "
+        "and dates removed from them (Clean Descriptors Option); false: they are emptied or removed.",
+    )
+    safe_private_tags: list[str] = Field(
+        default_factory=list,
+        description="Full mode: private attributes kept, as 'GGGG,xxEE,PRIVATE CREATOR' (odd group, element byte); "
+        "all other private attributes are removed (Retain Safe Private Option when not empty).",
+    )
 
     @field_validator("partial_tags")
     @classmethod
@@ -124,6 +173,19 @@ class AnonymizationConfig(_Section):
         unknown = [v for v in values if tag_for_keyword(v) is None]
         if unknown:
             raise ValueError(f"not DICOM keywords: {', '.join(unknown)}")
+        return values
+
+    @field_validator("safe_private_tags")
+    @classmethod
+    def _private_tag_form(cls, values: list[str]) -> list[str]:
+        pattern = re.compile(r"^([0-9A-Fa-f]{4}),xx([0-9A-Fa-f]{2}),(.+)$")
+        bad = []
+        for value in values:
+            match = pattern.match(value)
+            if match is None or int(match.group(1), 16) % 2 == 0 or not match.group(3).strip():
+                bad.append(value)
+        if bad:
+            raise ValueError(f"not 'GGGG,xxEE,PRIVATE CREATOR' with an odd group: {', '.join(bad)}")
         return values
 
 
@@ -183,6 +245,31 @@ class FolderDestination(_Section):
     name: str = Field(description="Name used in logs, the transaction log and the CLI.")
     type: Literal["folder"] = Field(description="`folder`: files written under `path`.")
     path: Path = Field(description="Folder; series land in <path>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm.")
+    retries: int = Field(default=2, ge=0, description="Retries of a failed copy (e.g. a full or unmounted disk).")
+    retry_delay_seconds: float = Field(
+        default=10, ge=0, description="Wait before the first retry; doubles on every further retry."
+    )
+
+
+class DestinationTlsConfig(_Section):
+    enabled: bool = Field(default=False, description="Send to this destination over TLS.")
+    ca_file: Path | None = Field(
+        default=None,
+        description="PEM bundle of CAs the destination's certificate must be signed by; null: the system CAs.",
+    )
+    certfile: Path | None = Field(
+        default=None, description="PEM client certificate presented to the destination (with `keyfile`)."
+    )
+    keyfile: Path | None = Field(default=None, description="PEM private key of `certfile`.")
+    check_hostname: bool = Field(
+        default=True, description="Require the destination's certificate to name `host` (DNS name or IP address)."
+    )
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> DestinationTlsConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("a client certificate needs both certfile and keyfile")
+        return self
 
 
 class DicomDestination(_Section):
@@ -197,6 +284,24 @@ class DicomDestination(_Section):
     retries: int = Field(default=3, ge=0, description="Re-sends of failed instances after the first try.")
     retry_delay_seconds: float = Field(
         default=10, ge=0, description="Wait before the first retry; doubles on every further retry."
+    )
+    connect_timeout_seconds: float = Field(
+        default=10, gt=0, description="Give up opening the TCP connection (and TLS handshake) after this long."
+    )
+    acse_timeout_seconds: float = Field(
+        default=30, gt=0, description="Wait this long for the answer to an association request or release."
+    )
+    dimse_timeout_seconds: float = Field(
+        default=60, gt=0, description="Wait this long for the response to each C-STORE or C-ECHO."
+    )
+    network_timeout_seconds: float = Field(
+        default=60, gt=0, description="Abort the association when the connection is silent for this long."
+    )
+    max_pdu_size: int = Field(
+        default=0, ge=0, description="Maximum PDU size NETRT accepts on this association, bytes; 0 means unlimited."
+    )
+    tls: DestinationTlsConfig = Field(
+        default_factory=DestinationTlsConfig, description="Optional TLS (client side) for this destination."
     )
 
     _ae = field_validator("ae_title", "calling_ae_title")(
@@ -230,6 +335,25 @@ class QuarantineConfig(_Section):
         return value
 
 
+class RetriesConfig(_Section):
+    """Prefect task retries of the processing steps (delivery retries are per destination)."""
+
+    validate_: int = Field(
+        default=0,
+        ge=0,
+        alias="validate",
+        description="Retries of the validate task (reading headers; 0: a bad study does not heal by waiting).",
+    )
+    anonymize: int = Field(default=0, ge=0, description="Retries of the anonymize task.")
+    extract_masks: int = Field(default=0, ge=0, description="Retries of the extract-masks task.")
+    write: int = Field(default=0, ge=0, description="Retries of each write-<plane> task (e.g. a full work disk).")
+    delay_seconds: float = Field(
+        default=10, ge=0, description="Wait before the first retry of these tasks; doubles on every further retry."
+    )
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, serialize_by_alias=True)
+
+
 class NetrtConfig(BaseSettings):
     """The whole configuration. Build it with :func:`load_config`, not directly."""
 
@@ -252,6 +376,7 @@ class NetrtConfig(BaseSettings):
     )
     prefect: PrefectConfig = Field(default_factory=PrefectConfig, description="Orchestration.")
     quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig, description="Failed studies.")
+    retries: RetriesConfig = Field(default_factory=RetriesConfig, description="Task retries of the processing steps.")
 
     @field_validator("destinations")
     @classmethod

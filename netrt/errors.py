@@ -66,3 +66,17 @@ class DeliveryError(NetrtError):
         self.destination = destination
         self.reason = reason
         self.retryable = retryable
+
+
+class StudyFailedError(NetrtError):
+    """A study's flow run failed for good; the study is in quarantine under ``quarantine_id``.
+
+    The message is already free of patient data (it is what the flow run, the CLI and the
+    transaction log show), and the original exception is deliberately not chained to it.
+    """
+
+    def __init__(self, message: str, stage: str, quarantine_id: str | None, retryable: bool) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.quarantine_id = quarantine_id
+        self.retryable = retryable

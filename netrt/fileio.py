@@ -55,3 +55,25 @@ def atomic_copy(source: Path, target: Path, *, durable: bool = True) -> Path:
     with atomic_output(target, durable=durable) as handle, source.open("rb") as src:
         shutil.copyfileobj(src, handle, 1 << 20)
     return target
+
+
+def move_folder(source: Path, target: Path) -> None:
+    """Move the folder ``source`` to ``target``; merge file by file when ``target`` exists already.
+
+    Same-file-system renames: each file is either at its old or at its new place, never lost.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        os.replace(source, target)
+        fsync_dir(target.parent)
+        fsync_dir(source.parent)
+        return
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, destination)
+    for folder in sorted((p for p in source.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        folder.rmdir()
+    source.rmdir()
+    fsync_dir(target)

@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pydicom
 import SimpleITK as sitk
 
 from netrt import __version__
-from netrt.config import ProcessingConfig
+from netrt.anonymize import anonymize_study
+from netrt.config import AnonymizationConfig, ProcessingConfig
 from netrt.fileio import atomic_output
 from netrt.masks import MergedMask, RoiReport, build_merged_mask, ignored_names, kept_names
 from netrt.overlay import SeriesSettings, output_series_uid, write_axial_series, write_reformatted_series
+from netrt.preview import Preview, render_preview
 from netrt.reformat import reformat
-from netrt.study import ImageSeries, LoadedStudy, read_image_volume
+from netrt.study import ImageSeries, LoadedStudy, load_study, read_image_volume
 
 # SimpleITK's SWIG functions carry no annotations; an Any handle keeps mypy --strict quiet without
 # scattering ignores (the same device as in netrt.geometry and netrt.reformat).
@@ -212,3 +216,111 @@ def write_plane(
         series_uid = output_series_uid(study.images.series_instance_uid, plane, settings.settings_key, burn_in)
         written.append(WrittenSeries(plane, burn_in, series_uid, folder, tuple(files)))
     return written
+
+
+# --- content keys, anonymization and preview --------------------------------------------------
+
+
+def study_fingerprint(study: LoadedStudy) -> str:
+    """SHA-256 over the SOP Instance UIDs and the bytes of every file the outputs are made from.
+
+    Two runs of the same files give the same fingerprint wherever the files sit (a study moved to
+    quarantine and back, or copied there from a user's folder, keeps it), and any changed byte
+    changes it. The flow's cache keys start from it.
+    """
+    digest = hashlib.sha256(__version__.encode("ascii"))
+    pairs = [*zip(study.images.sop_instance_uids, study.images.files, strict=True)]
+    pairs.append((study.rtstruct_sop_instance_uid, study.rtstruct_file))
+    for sop_uid, path in pairs:
+        with path.open("rb") as handle:
+            file_digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        digest.update(f"{sop_uid}\0{file_digest}\n".encode("ascii"))
+    return digest.hexdigest()
+
+
+def content_key(*parts: object) -> str:
+    """A hex key for a cache entry or work folder: SHA-256 of the parts as canonical JSON."""
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class AnonymizeStepResult:
+    """The study to process from here on, and what anonymization did (no patient data)."""
+
+    study: LoadedStudy
+    pseudonym: str | None
+    actions: tuple[str, ...]
+
+
+def anonymize_step(
+    study: LoadedStudy, anonymization: AnonymizationConfig, secret: bytes, out_dir: Path
+) -> AnonymizeStepResult:
+    """Anonymize the files that feed the outputs into ``out_dir`` and validate the copies again.
+
+    With anonymization off, the study is returned as it is. Otherwise the anonymized copies are
+    loaded like any received study: their references must still resolve (same images, same
+    frame of reference), which is the proof that the UID mapping kept the study whole.
+    """
+    files = [*study.images.files, study.rtstruct_file]
+    anonymized = anonymize_study(files, out_dir, anonymization, secret)
+    if not anonymization.enabled:
+        return AnonymizeStepResult(study, None, anonymized.actions)
+    return AnonymizeStepResult(load_study(list(anonymized.files)), anonymized.pseudonym, anonymized.actions)
+
+
+def preview_step(study: LoadedStudy, masks: MaskStepResult, path: Path) -> Preview:
+    """Render the three-plane PNG preview of the study's mask on its image grid."""
+    volume = read_image_volume(study.images)
+    return render_preview(volume, load_mask(masks.mask_path), study.images.geometry.spacing, path)
+
+
+# Attributes whose values must never reach a log, run name or error message when anonymization is on.
+_IDENTIFYING_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientMotherBirthName",
+    "AccessionNumber",
+)
+_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+
+
+@dataclass(frozen=True)
+class StudyIdentifiers:
+    """Identifying values found in a study's files, to scrub from messages (never logged themselves)."""
+
+    patient: tuple[str, ...]
+    uids: tuple[str, ...]
+
+
+def study_identifiers(files: Sequence[Path]) -> StudyIdentifiers:
+    """Patient identifiers and instance UIDs of ``files``, read from headers (pixels skipped).
+
+    Best effort by design: it runs when a study has failed, possibly because its files are
+    broken, so unreadable files are passed over. Values shorter than 3 characters are left out,
+    since scrubbing them would mangle ordinary words.
+    """
+    patient: set[str] = set()
+    uids: set[str] = set()
+    for path in files:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:  # see docstring: a broken file must not stop the scrubbing
+            continue
+        for keyword in _IDENTIFYING_KEYWORDS:
+            value = header.get(keyword)
+            values = value if isinstance(value, pydicom.multival.MultiValue) else [value]
+            for item in values:
+                text = str(item or "").strip()
+                if len(text) >= 3:
+                    patient.add(text)
+                    patient.update(part for part in text.split("^") if len(part) >= 3)
+        for keyword in _UID_KEYWORDS:
+            uid = str(header.get(keyword) or "").strip()
+            if uid:
+                uids.add(uid)
+    # Longest first, so a value is replaced before any shorter value it contains.
+    return StudyIdentifiers(tuple(sorted(patient, key=len, reverse=True)), tuple(sorted(uids, key=len, reverse=True)))

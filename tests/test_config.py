@@ -131,7 +131,7 @@ def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     paths = []
     for name, field in model.model_fields.items():
         annotation: Any = field.annotation
-        path = f"{prefix}{name}"
+        path = f"{prefix}{field.alias or name}"  # the key users write
         args = get_args(annotation)
         if get_origin(annotation) is list and args and get_args(args[0]):
             members = [m for m in get_args(get_args(args[0])[0]) if isinstance(m, type) and issubclass(m, BaseModel)]

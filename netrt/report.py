@@ -1,0 +1,103 @@
+"""The run summary of one study, as the markdown shown in the Prefect UI and kept under the data dir.
+
+The summary is built from plain data (a :class:`StudyReport`), so the same text can be rendered
+for a run that failed half-way: whatever stages ran are listed, the failing one with its error.
+It names ROIs, series, destinations and UIDs that may be shown (public ones when anonymization
+is on), never patient data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StageTiming:
+    stage: str
+    seconds: float
+    cached: bool = False
+
+
+@dataclass
+class StudyReport:
+    """What one flow run did, filled in as it goes."""
+
+    study: str
+    flow_run_id: str | None = None
+    anonymization: str = "off"
+    rois: list[dict[str, Any]] = field(default_factory=list)
+    series: list[dict[str, Any]] = field(default_factory=list)
+    destinations: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[StageTiming] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    preview_path: str | None = None
+    failed_stage: str | None = None
+    error: str | None = None
+    quarantine_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "study": self.study,
+            "flow_run_id": self.flow_run_id,
+            "anonymization": self.anonymization,
+            "rois": self.rois,
+            "series": self.series,
+            "destinations": self.destinations,
+            "stages": [{"stage": s.stage, "seconds": round(s.seconds, 3), "cached": s.cached} for s in self.stages],
+            "warnings": self.warnings,
+            "preview_path": self.preview_path,
+            "failed_stage": self.failed_stage,
+            "error": self.error,
+            "quarantine_id": self.quarantine_id,
+        }
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: StudyReport) -> str:
+    """The summary as GitHub-flavoured markdown (what Prefect's artifact page renders)."""
+    status = "failed" if report.failed_stage else "processed"
+    lines = [f"# Study {report.study}: {status}", ""]
+    if report.failed_stage:
+        lines += [f"**Failed at `{report.failed_stage}`:** {_cell(report.error or '')}", ""]
+        if report.quarantine_id:
+            lines += [f"Quarantined as `{report.quarantine_id}`: `netrt quarantine show {report.quarantine_id}`.", ""]
+    lines += [f"Anonymization: {report.anonymization}.", ""]
+    if report.rois:
+        lines += ["## ROIs", "", "| ROI | kept | voxels | why |", "| --- | --- | ---: | --- |"]
+        for roi in report.rois:
+            kept = "yes" if roi["kept"] else "no"
+            lines.append(f"| {_cell(roi['name'])} | {kept} | {roi['voxels']} | {_cell(roi['reason'])} |")
+        lines.append("")
+    if report.series:
+        lines += [
+            "## Series written",
+            "",
+            "| plane | burn-in | instances | SeriesInstanceUID |",
+            "| --- | --- | ---: | --- |",
+        ]
+        for series in report.series:
+            burn_in = "yes" if series["burn_in"] else "no"
+            lines.append(
+                f"| {series['plane']} | {burn_in} | {series['instances']} | `{series['series_instance_uid']}` |"
+            )
+        lines.append("")
+    if report.destinations:
+        lines += ["## Destinations", "", "| destination | outcome | instances | detail |", "| --- | --- | ---: | --- |"]
+        for dest in report.destinations:
+            outcome = "delivered" if dest["ok"] else "FAILED"
+            lines.append(f"| {_cell(dest['name'])} | {outcome} | {dest['instances']} | {_cell(dest['detail'])} |")
+        lines.append("")
+    if report.stages:
+        lines += ["## Time per stage", "", "| stage | seconds | from cache |", "| --- | ---: | --- |"]
+        for stage in report.stages:
+            lines.append(f"| {stage.stage} | {stage.seconds:.2f} | {'yes' if stage.cached else 'no'} |")
+        lines.append("")
+    if report.warnings:
+        lines += ["## Warnings", ""] + [f"- {_cell(w)}" for w in report.warnings] + [""]
+    if report.preview_path:
+        lines += [f"Preview (axial, coronal, sagittal): `{report.preview_path}`", ""]
+    return "\n".join(lines)
