@@ -12,12 +12,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import process
+from bench import orchestration, process
 from bench.report import DEFAULT_OUT, Options, write_section
 
 # Figure name -> function measuring it and returning its Markdown section. Issue 9 adds the others.
 FIGURES: dict[str, Callable[[Options], str]] = {
     process.FIGURE: process.run,
+    orchestration.FIGURE: orchestration.run,
 }
 
 

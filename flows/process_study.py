@@ -31,7 +31,6 @@ from prefect import Task, flow, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
-from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 from prefect.states import State
 
@@ -162,7 +161,7 @@ class _Run:
         self.secret = secret
         self.report = report
         self.stage = "validate"
-        self.results = LocalFileSystem(basepath=str(layout.cache / "results"))
+        self.results = layout.cache / "results"  # a Path: Prefect stores results there without a saved block
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[StageTiming]:
@@ -177,14 +176,25 @@ class _Run:
 
     def cached_call(self, task_: Task[..., R], timing: StageTiming, present: Callable[[R], bool], **kwargs: Any) -> R:
         """Run a cacheable task; note a cache hit; recompute when a hit's files are gone."""
-        runnable = task_.with_options(result_storage=self.results, retries=self._retries_for(task_.name))
-        state = runnable(**kwargs, return_state=True)
-        result: R = state.result()
-        if state.name == "Cached" and not present(result):
-            state = runnable.with_options(refresh_cache=True)(**kwargs, return_state=True)
-            result = state.result()
-        timing.cached = timing.cached or state.name == "Cached"
+        (result,) = self.cached_map(task_, timing, present, [kwargs])
         return result
+
+    def cached_map(
+        self, task_: Task[..., R], timing: StageTiming, present: Callable[[R], bool], calls: list[dict[str, Any]]
+    ) -> list[R]:
+        """Submit one task run per ``calls`` item at once (they run concurrently), then collect them in order."""
+        runnable = task_.with_options(result_storage=self.results, retries=self._retries_for(task_.name))
+        futures = [runnable.submit(**kwargs) for kwargs in calls]
+        results = []
+        for kwargs, future in zip(calls, futures, strict=True):
+            result: R = future.result()
+            cached = future.state.name == "Cached"
+            if cached and not present(result):
+                result = runnable.with_options(refresh_cache=True)(**kwargs)
+                cached = False
+            timing.cached = cached if len(results) == 0 else (timing.cached and cached)
+            results.append(result)
+        return results
 
     def _retries_for(self, task_name: str) -> int:
         retries = self.config.retries
@@ -331,19 +341,21 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
     report.warnings += list(masks.warnings)
 
     with run.timed("write") as timing:
-        written: list[WrittenSeries] = []
-        for plane in config.processing.planes:
-            written += run.cached_call(
-                write_plane_series,
-                timing,
-                lambda r: all(p.exists() for s in r for p in s.files),
-                study=study,
-                masks=masks,
-                plane=plane,
-                processing=config.processing,
-                work_dir=str(keyed_work),
-                cache_key=content_key("write", mask_key, plane),
-            )
+        calls = [
+            {
+                "study": study,
+                "masks": masks,
+                "plane": plane,
+                "processing": config.processing,
+                "work_dir": str(keyed_work),
+                "cache_key": content_key("write", mask_key, plane),
+            }
+            for plane in config.processing.planes
+        ]
+        per_plane = run.cached_map(
+            write_plane_series, timing, lambda r: all(p.exists() for s in r for p in s.files), calls
+        )
+        written = [series for plane_series in per_plane for series in plane_series]
     report.series = [
         {
             "plane": s.plane,
@@ -408,8 +420,8 @@ def _deliver_all(run: _Run, files: list[Path], keyed_work: Path, transactions: T
         except Exception as exc:
             retryable = _is_retryable(exc)
             all_retryable = all_retryable and retryable
-            detail = str(exc)
-            failures.append(f"{destination.name}: {detail}")
+            detail = str(exc) if isinstance(exc, DeliveryError) else f"destination {destination.name!r}: {exc}"
+            failures.append(detail)
             report.destinations.append({"name": destination.name, "ok": False, "instances": 0, "detail": detail})
             transactions.record(
                 "delivery failed",

@@ -117,6 +117,32 @@ def _draw(image: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_]) -> npt.ND
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
+def preview_panels(mask: npt.NDArray[np.bool_], spacing: tuple[float, float, float]) -> tuple[PreviewPanel, ...]:
+    """Where the three panels go and which voxels they show, for a ``[slice, row, col]`` grid.
+
+    Each panel cuts through the middle of the mask's extent along its axis; pixels are square,
+    ``pixel_mm`` wide, chosen so the longest side of the grid spans about :data:`PANEL_SIZE` pixels.
+    """
+    slices, rows, cols = mask.shape
+    col_mm, row_mm, slice_mm = spacing
+    extent = max(cols * col_mm, rows * row_mm, slices * slice_mm)
+    pixel_mm = max(extent / PANEL_SIZE, min(spacing))
+    along_cols = _axis_samples(cols, col_mm, pixel_mm, reverse=False)
+    along_rows = _axis_samples(rows, row_mm, pixel_mm, reverse=False)
+    slices_up = _axis_samples(slices, slice_mm, pixel_mm, reverse=True)
+    layout = [
+        ("axial", _middle(mask, 0), along_rows, along_cols),
+        ("coronal", _middle(mask, 1), slices_up, along_cols),
+        ("sagittal", _middle(mask, 2), slices_up, along_rows),
+    ]
+    panels = []
+    x = 0
+    for plane, fixed, panel_rows, panel_cols in layout:
+        panels.append(PreviewPanel(plane, x, 0, fixed, panel_rows, panel_cols))
+        x += len(panel_cols) + GAP
+    return tuple(panels)
+
+
 def render_preview(
     volume: npt.NDArray[np.float32],
     mask: npt.NDArray[np.bool_],
@@ -133,27 +159,9 @@ def render_preview(
     """
     if volume.shape != mask.shape:
         raise ValueError(f"volume {volume.shape} and mask {mask.shape} differ in shape")
-    slices, rows, cols = volume.shape
-    col_mm, row_mm, slice_mm = spacing
-    extent = max(cols * col_mm, rows * row_mm, slices * slice_mm)
-    pixel_mm = max(extent / PANEL_SIZE, min(spacing))
-    axes = {
-        "col": _axis_samples(cols, col_mm, pixel_mm, reverse=False),
-        "row": _axis_samples(rows, row_mm, pixel_mm, reverse=False),
-        "slice_up": _axis_samples(slices, slice_mm, pixel_mm, reverse=True),
-    }
-    layout = [
-        ("axial", _middle(mask, 0), axes["row"], axes["col"]),
-        ("coronal", _middle(mask, 1), axes["slice_up"], axes["col"]),
-        ("sagittal", _middle(mask, 2), axes["slice_up"], axes["row"]),
-    ]
-    panels = []
-    x = 0
-    for plane, fixed, panel_rows, panel_cols in layout:
-        panels.append(PreviewPanel(plane, x, 0, fixed, panel_rows, panel_cols))
-        x += len(panel_cols) + GAP
-    width = x - GAP
-    height = max(p.height for p in panels)
+    panels = preview_panels(mask, spacing)
+    width = max(p.x0 + p.width for p in panels)
+    height = max(p.y0 + p.height for p in panels)
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
     for panel in panels:
         drawn = _draw(panel.sample(volume).astype(np.float32), panel.sample(mask).astype(bool))

@@ -1,0 +1,110 @@
+"""Figure "orchestration": what Prefect adds per study, flow vs the same `netrt` calls, in one run.
+
+A phantom (256x256x60, 10 ROIs; ``--smoke``: 64x64x20) goes ``runs`` times through the
+process-study flow and through direct calls of the functions its tasks wrap, alternating the
+order, in one worker process (:mod:`bench.orchestration_worker`) talking to a real local Prefect
+server (SQLite) started for the figure. Target: overhead per study at most 1 s or 10 % of the
+direct time, whichever is larger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.report import REPO_ROOT, Options, command_line, machine, markdown_table, median, spread
+
+FIGURE = "orchestration"
+WORKER_TIMEOUT_S = 1200
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(options: Options) -> str:
+    from flows.local_server import start_local_server, stop_local_server
+    from netrt.config import load_config
+    from netrt.phantom import PhantomSpec, write_phantom
+    from netrt.prefect_env import api_url, prefect_environment
+
+    root = Path(tempfile.mkdtemp(prefix="netrt-bench-orchestration-"))
+    size = (64, 64, 20, 0) if options.smoke else (256, 256, 60, 6)
+    try:
+        write_phantom(
+            PhantomSpec(rows=size[0], columns=size[1], slices=size[2], slice_spacing=2.0, extra_spheres=size[3]),
+            root / "phantom",
+        )
+        server_config = root / "server.yaml"
+        server_config.write_text(
+            f"paths: {{data_dir: {root / 'server'}}}\nprefect: {{server_port: {_free_port()}}}\n", encoding="utf-8"
+        )
+        config = load_config(server_config)
+        env = prefect_environment(config)
+        server = start_local_server(env, api_url(config), root / "server" / "prefect-server.log")
+        try:
+            result = root / "result.json"
+            started = time.perf_counter()
+            completed = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.orchestration_worker",
+                    "--input",
+                    str(root / "phantom" / "dicom"),
+                    "--root",
+                    str(root / "runs"),
+                    "--runs",
+                    str(options.runs),
+                    "--result",
+                    str(result),
+                ],
+                cwd=REPO_ROOT,
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=WORKER_TIMEOUT_S,
+                check=False,
+            )
+            if completed.returncode != 0:
+                tail = "\n".join(completed.stderr.strip().splitlines()[-30:])
+                raise RuntimeError(f"orchestration worker failed (exit {completed.returncode}):\n{tail}")
+            times: dict[str, list[float]] = json.loads(result.read_text(encoding="utf-8"))
+            print(f"orchestration: measured in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        finally:
+            stop_local_server(server)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    flow, direct = median(times["flow"]), median(times["direct"])
+    overheads = [f - d for f, d in zip(times["flow"], times["direct"], strict=True)]
+    overhead = median(overheads)
+    allowed = max(1.0, 0.10 * direct)
+    met = overhead <= allowed
+    verdict = "met" if met else f"**missed by {overhead - allowed:.2f} s**"
+    table = markdown_table(
+        ["variant", "median s", "runs"],
+        [
+            ["process-study flow (running server, SQLite)", f"{flow:.2f}", spread(times["flow"])],
+            ["the same netrt calls, direct", f"{direct:.2f}", spread(times["direct"])],
+            ["overhead per study (paired median)", f"{overhead:.2f}", spread(overheads)],
+        ],
+    )
+    what = "64x64x20 phantom, 4 ROIs (smoke)" if options.smoke else "256x256x60 phantom, 10 ROIs"
+    return (
+        f"## Orchestration overhead\n\n{what}; {options.runs} runs per variant, alternating, one process, "
+        f"fresh data dir per run (no cache hits).\n\n{table}\n\n"
+        f"Target: overhead <= max(1 s, 10 % of direct) = {allowed:.2f} s: {verdict} "
+        f"({overhead:.2f} s, {100 * overhead / direct:.1f} % of direct).\n\n"
+        f"{machine(('netrt', 'prefect', 'pydicom', 'SimpleITK')).markdown()}\n- command: `{command_line()}`\n"
+    )
