@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from uuid import UUID
 
 from prefect import Task, flow, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
@@ -61,7 +62,7 @@ from netrt.pipeline import (
     study_identifiers,
     write_plane,
 )
-from netrt.quarantine import entry_id_for, quarantine_study, read_entry, release
+from netrt.quarantine import begin_retry, entry_id_for, is_entry_id, quarantine_study, read_entry, release
 from netrt.report import StageTiming, StudyReport, render_markdown
 from netrt.study import LoadedStudy, find_study, load_study
 from netrt.uids import is_valid_uid
@@ -215,6 +216,19 @@ class _Run:
         return scrub_text(text, found.patient)
 
 
+def _locate(layout: DataLayout, source: Path) -> Path:
+    """Where a received study is now: a retry from the Prefect UI re-runs a flow run whose
+    ``studies/<id>`` has since moved to quarantine/ (failed) or processed/ (succeeded); bring it back."""
+    resolved = source.resolve()
+    if resolved.exists() or resolved.parent != layout.studies or not is_entry_id(resolved.name):
+        return source
+    if (layout.quarantine / resolved.name / "input").is_dir():
+        return begin_retry(layout, resolved.name)
+    if (layout.processed / resolved.name).is_dir():
+        move_folder(layout.processed / resolved.name, resolved)
+    return source
+
+
 def _files_of(source: Path, study_instance_uid: str | None) -> list[Path]:
     """The failed study's own files (not its neighbours' in a shared folder); every file when unsure."""
     try:
@@ -257,7 +271,7 @@ def process_study(
     if label is not None:
         report.study = run.public(label)
     transactions.record("flow run started", study_instance_uid=report.study, flow_run_id=run_id)
-    source = Path(study_dir)
+    source = _locate(layout, Path(study_dir))
     try:
         summary = _process(run, source, study_instance_uid, transactions)
     except Exception as exc:
@@ -302,6 +316,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
     with run.timed("validate"):
         original, fingerprint = validate.with_options(retries=config.retries.validate_)(str(source), study_instance_uid)
     report.study = run.public(original.study_instance_uid)
+    _add_run_tags(report.flow_run_id, f"modality:{original.images.modality}")
     work = layout.study_dir(layout.work, report.study)
 
     anonymization = config.anonymization
@@ -397,6 +412,17 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
         "preview": report.preview_path,
         "flow_run_id": report.flow_run_id,
     }
+
+
+def _add_run_tags(flow_run_id: str | None, *tags: str) -> None:
+    """Tag the running flow run (modality is known only once the study is read); never PHI."""
+    if flow_run_id is None:
+        return
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(UUID(flow_run_id))
+        client.update_flow_run(UUID(flow_run_id), tags=sorted({*current.tags, *tags}))
 
 
 def _deliver_all(run: _Run, files: list[Path], keyed_work: Path, transactions: TransactionLog) -> None:

@@ -112,16 +112,19 @@ def cmd_process(args: argparse.Namespace) -> int:
     if not studies:
         raise NetrtError(f"{root}: no DICOM study found")
     _prepare_flow_runs(config)
+    from prefect import tags
+
     from flows.process_study import process_study
 
     failures = 0
     for study in studies:
         try:
-            summary = process_study(
-                study_dir=str(root),
-                config_file=args.config,
-                study_instance_uid=study.study_instance_uid,
-            )
+            with tags("source:netrt-process"):
+                summary = process_study(
+                    study_dir=str(root),
+                    config_file=args.config,
+                    study_instance_uid=study.study_instance_uid,
+                )
         except Exception as exc:  # one failed study must not stop the others; report it and go on
             failures += 1
             print(f"{study.study_instance_uid}: FAILED: {exc}", flush=True)

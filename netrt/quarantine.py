@@ -82,6 +82,10 @@ def entry_id_for(layout: DataLayout, study_dir: Path, study_instance_uid: str | 
     return "study-" + hashlib.sha256(str(study_dir).encode("utf-8")).hexdigest()[:12]
 
 
+def is_entry_id(text: str) -> bool:
+    return bool(_ENTRY_ID.match(text))
+
+
 def checked_entry_id(entry_id: str) -> str:
     if not _ENTRY_ID.match(entry_id):
         raise QuarantineError(f"{entry_id!r} is not a quarantine id (see `netrt quarantine list`)")
