@@ -80,3 +80,10 @@ class StudyFailedError(NetrtError):
         self.stage = stage
         self.quarantine_id = quarantine_id
         self.retryable = retryable
+
+
+class AnonymizationError(NetrtError):
+    """A study cannot be anonymized as configured (unreadable secret, a tag that may not be removed, ...).
+
+    In full mode the message never carries a patient's name, ID or birth date or an original UID.
+    """

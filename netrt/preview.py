@@ -62,10 +62,13 @@ class PreviewPanel:
         rows = np.asarray(self.rows)[:, None]
         cols = np.asarray(self.cols)[None, :]
         if self.plane == "axial":
-            return volume[self.fixed][rows, cols]
-        if self.plane == "coronal":
-            return volume[:, self.fixed, :][rows, cols]
-        return volume[:, :, self.fixed][rows, cols]
+            cut = volume[self.fixed]
+        elif self.plane == "coronal":
+            cut = volume[:, self.fixed, :]
+        else:
+            cut = volume[:, :, self.fixed]
+        sampled: npt.NDArray[Any] = cut[rows, cols]
+        return sampled
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ def _middle(mask: npt.NDArray[np.bool_], axis: int) -> int:
     other = tuple(a for a in range(3) if a != axis)
     present = np.flatnonzero(mask.any(axis=other))
     if present.size == 0:
-        return mask.shape[axis] // 2
+        return int(mask.shape[axis]) // 2
     return int((present[0] + present[-1]) // 2)
 
 
@@ -100,7 +103,8 @@ def _window(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     low, high = np.percentile(values, [1.0, 99.0])
     if high <= low:
         high = low + 1.0
-    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32) * 255.0
+    grey: npt.NDArray[np.float32] = np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32) * 255.0
+    return grey
 
 
 def _outline(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
