@@ -90,7 +90,7 @@ def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | Non
 # --- tasks: each a few lines over netrt -------------------------------------------------------
 
 
-@task(name="validate")
+@task(name="validate", persist_result=False)  # holds the received (identifiable) headers: never stored
 def validate(study_dir: str, study_instance_uid: str | None) -> tuple[LoadedStudy, str]:
     study = load_study(find_study(Path(study_dir), study_instance_uid).files)
     return study, study_fingerprint(study)
@@ -132,7 +132,12 @@ def _retry_if_waiting_may_heal(task: Task[..., Any], task_run: TaskRun, state: S
     return False
 
 
-@task(name="deliver", task_run_name="deliver-{destination.name}", retry_condition_fn=_retry_if_waiting_may_heal)
+@task(
+    name="deliver",
+    task_run_name="deliver-{destination.name}",
+    retry_condition_fn=_retry_if_waiting_may_heal,
+    persist_result=False,
+)
 def deliver(
     destination: FolderDestination | DicomDestination,
     files: list[Path],

@@ -8,19 +8,27 @@ that need them, after Prefect's environment has been set from NETRT's config.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from netrt import __version__
 from netrt.config import NetrtConfig, dump_config, load_config
-from netrt.errors import NetrtError
+from netrt.errors import NetrtError, StudyFailedError
 from netrt.layout import DataLayout
 from netrt.logs import TransactionLog, setup_logging
+
+if TYPE_CHECKING:
+    from listener.completion import SealedStudy
+    from listener.service import ListenerService
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -49,6 +57,27 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     sys.stdout.write(dump_config(load_config(args.file)))
+    return EXIT_OK
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO a configured dicom destination, as set-up check; exit 1 with the reason when it fails."""
+    from netrt.config import DicomDestination
+    from netrt.send import echo_destination
+
+    config = _config(args)
+    destinations = {d.name: d for d in config.effective_destinations()}
+    destination = destinations.get(args.destination)
+    if not isinstance(destination, DicomDestination):
+        names = ", ".join(name for name, d in destinations.items() if isinstance(d, DicomDestination)) or "none"
+        what = "is a folder destination" if destination is not None else "is not configured"
+        raise NetrtError(f"destination {args.destination!r} {what}; dicom destinations: {names}")
+    calling = destination.calling_ae_title or config.listener.ae_title
+    seconds = echo_destination(destination, calling_ae_title=calling)
+    print(
+        f"{destination.name}: C-ECHO ok from {destination.ae_title}@{destination.host}:{destination.port} "
+        f"(calling AE {calling}) in {seconds * 1000:.1f} ms"
+    )
     return EXIT_OK
 
 
@@ -98,6 +127,10 @@ def _prepare_flow_runs(config: NetrtConfig) -> None:
     _apply_prefect_environment(config, with_api_url=_use_running_local_server(config))
 
 
+def _full_anonymization(config: NetrtConfig) -> bool:
+    return config.anonymization.enabled and config.anonymization.mode == "full"
+
+
 def cmd_process(args: argparse.Namespace) -> int:
     """Run the process-study flow for every study under PATH; one line per study."""
     config = _config(args)
@@ -125,16 +158,21 @@ def cmd_process(args: argparse.Namespace) -> int:
                     config_file=args.config,
                     study_instance_uid=study.study_instance_uid,
                 )
-        except Exception as exc:  # one failed study must not stop the others; report it and go on
+        except StudyFailedError as exc:  # one failed study must not stop the others; report it and go on
             failures += 1
-            print(f"{study.study_instance_uid}: FAILED: {exc}", flush=True)
+            print(f"FAILED: {exc}", flush=True)  # names the study by its public UID (anonymization on)
+            continue
+        except Exception as exc:
+            failures += 1
+            shown = "a study" if _full_anonymization(config) else study.study_instance_uid
+            print(f"{shown}: FAILED: {exc}", flush=True)
             continue
         written = ", ".join(
             f"{s['plane']}{' burn-in' if s['burn_in'] else ''} {s['instances']}" for s in summary["series"]
         )
         delivered = ", ".join(f"{d['name']} {d['instances']}" for d in summary["destinations"])
         print(
-            f"{study.study_instance_uid}: ok: ROIs {', '.join(summary['rois_kept'])}; "
+            f"{summary['study_instance_uid']}: ok: ROIs {', '.join(summary['rois_kept'])}; "
             f"series {written}; delivered to {delivered}",
             flush=True,
         )
@@ -215,30 +253,8 @@ def cmd_quarantine_purge(args: argparse.Namespace) -> int:
 # --- serve ----------------------------------------------------------------------------------
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Bring up the node: the local Prefect server (when none is configured) and what runs beside it."""
-    config = _config(args)
-    layout = DataLayout.from_data_dir(config.paths.data_dir).create()
-    logger = setup_logging(layout.app_log)
-    _apply_prefect_environment(config)
-    from flows.local_server import start_local_server, stop_local_server
-    from netrt.prefect_env import api_url
-
-    server = None
-    if config.prefect.api_url is None:
-        logger.info("starting the local Prefect server (database under %s)", layout.prefect_home)
-        server = start_local_server(
-            {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")},
-            api_url(config),
-            layout.logs / "prefect-server.log",
-        )
-        ui = api_url(config).removesuffix("/api")
-        print(f"Prefect UI: {ui}", flush=True)
-    else:
-        print(f"using the Prefect API at {config.prefect.api_url}", flush=True)
-    print(f"data dir: {layout.root}", flush=True)
-    print("NETRT is running; stop it with Ctrl-C or SIGTERM.", flush=True)
-
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (Ctrl-C): the node then stops cleanly."""
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -246,15 +262,234 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    return stop
+
+
+def _config_file(args: argparse.Namespace) -> str | None:
+    """The config file as an absolute path: flow runs read it from other processes."""
+    path = getattr(args, "config", None)
+    return str(Path(path).resolve()) if path else None
+
+
+def _flow_run_callbacks(
+    config_file: str | None,
+) -> tuple[Callable[[SealedStudy], str], Callable[[str], bool]]:
+    """The listener's two links to Prefect: create a study's flow run; is a recorded run still to run?"""
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.deployments import trigger_process_study
+
+    def trigger(study: SealedStudy) -> str:
+        tags = [f"source-ae:{title}" for title in study.calling_ae_titles]
+        tags += [f"modality:{modality}" for modality in study.modalities]
+        return trigger_process_study(
+            study.folder, study_instance_uid=study.study_instance_uid, config_file=config_file, tags=tags
+        )
+
+    def is_run_pending(flow_run_id: str) -> bool:
+        try:
+            with get_client(sync_client=True) as client:
+                run = client.read_flow_run(UUID(flow_run_id))
+        except (ObjectNotFound, ValueError):
+            return False
+        return run.state is not None and not run.state.is_final()
+
+    return trigger, is_run_pending
+
+
+def _crash_orphaned_runs(logger: logging.Logger) -> None:
+    """Mark flow runs left running by a previous `netrt serve` as crashed.
+
+    Only used with NETRT's own local server, which was down until a moment ago: a deployment run
+    still "running" or "pending" there belongs to a process that died with the previous node, and
+    would otherwise hold its study forever. Recovery then creates a new run for the study.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    states = FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=states)))
+        for run in runs:
+            if run.deployment_id is None:
+                continue  # a `netrt process` run: not ours to judge
+            client.set_flow_run_state(run.id, Crashed(message="its process ended when netrt serve stopped"), force=True)
+            logger.warning(
+                "flow run %s (%s) was left running by a previous netrt serve: marked crashed", run.id, run.name
+            )
+
+
+def _start_listener(config: NetrtConfig, config_file: str | None) -> ListenerService:
+    from listener.service import ListenerService
+
+    trigger, is_run_pending = _flow_run_callbacks(config_file)
+    service = ListenerService(config, trigger=trigger, is_run_pending=is_run_pending)
+    service.start()
+    host, port = service.address
+    tls = " over TLS" if config.listener.tls.enabled else ""
+    print(f"DICOM listener: AE {config.listener.ae_title} on {host}:{port}{tls}", flush=True)
+    return service
+
+
+def _run_node(args: argparse.Namespace, *, local_server: bool, flow_server: bool) -> int:
+    """Start what is asked (local Prefect server, flow server, listener), run until a signal, stop in reverse."""
+    config = _config(args)
+    layout = DataLayout.from_data_dir(config.paths.data_dir).create()
+    logger = setup_logging(layout.app_log)
+    _apply_prefect_environment(config)
+    from flows.local_server import is_healthy, start_local_server, stop_local_server
+    from netrt.prefect_env import api_url
+
+    stop = _stop_on_signals()
+    config_file = _config_file(args)
+    prefect_env = {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")}
+    server: subprocess.Popen[bytes] | None = None
+    flows: subprocess.Popen[bytes] | None = None
+    listener: ListenerService | None = None
     try:
+        if local_server:
+            logger.info("starting the local Prefect server (database under %s)", layout.prefect_home)
+            server = start_local_server(prefect_env, api_url(config), layout.logs / "prefect-server.log")
+            print(f"Prefect UI: {api_url(config).removesuffix('/api')}", flush=True)
+        elif not is_healthy(api_url(config), timeout=5.0):
+            where = config.prefect.api_url or f"{api_url(config)} (no prefect.api_url set, and no local server up)"
+            raise NetrtError(f"no Prefect API answers at {where}; flow runs could not be created")
+        else:
+            print(f"using the Prefect API at {api_url(config)}", flush=True)
+        if flow_server and not stop.is_set():
+            from flows.deployments import start_flow_server, stop_flow_server
+
+            if local_server:
+                _crash_orphaned_runs(logger)
+            flows = start_flow_server(config_file, prefect_env, layout.logs / "flow-server.log")
+            print("flows: serving the process-study and rerun-quarantine deployments", flush=True)
+        if not stop.is_set():
+            listener = _start_listener(config, config_file)
+        print(f"data dir: {layout.root}", flush=True)
+        print("NETRT is running; stop it with Ctrl-C or SIGTERM.", flush=True)
         while not stop.wait(1.0):
-            if server is not None and server.poll() is not None:
-                logger.error("the local Prefect server exited with code %s", server.returncode)
-                return EXIT_FAILURE
+            for name, child in (("local Prefect server", server), ("flow server", flows)):
+                if child is not None and child.poll() is not None:
+                    logger.error("the %s exited with code %s; stopping NETRT", name, child.returncode)
+                    return EXIT_FAILURE
     finally:
+        if listener is not None:
+            listener.stop()
+        if flows is not None:
+            stop_flow_server(flows)
         if server is not None:
             stop_local_server(server)
         logger.info("NETRT stopped")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The whole node: local Prefect server (when none is configured), the deployments, the listener."""
+    config = _config(args)
+    return _run_node(args, local_server=config.prefect.api_url is None, flow_server=not args.no_worker)
+
+
+def cmd_listener(args: argparse.Namespace) -> int:
+    """Only the DICOM listener; flow runs go to prefect.api_url (or a running local server) and its workers."""
+    return _run_node(args, local_server=False, flow_server=False)
+
+
+# --- demo -----------------------------------------------------------------------------------
+
+
+def _wait_for_run(transactions: TransactionLog, study: str, after: int, timeout: float) -> str:
+    """The id of the flow run the listener creates for ``study`` (a transaction-log line after ``after``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in transactions.entries()[after:]:
+            if entry.get("event") == "flow_run_created" and entry.get("study_instance_uid") == study:
+                return str(entry["flow_run_id"])
+        time.sleep(0.5)
+    raise NetrtError(
+        f"no flow run was created for study {study} within {timeout:.0f} s; is `netrt serve` running with "
+        "this config (same data dir)? See its log, logs/netrt.log"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Send a phantom study to the running node, wait for its flow run, show where the results are."""
+    import tempfile
+    from uuid import UUID
+
+    from listener.service import study_label
+    from netrt.config import DicomDestination
+    from netrt.phantom import PhantomSpec, write_phantom
+    from netrt.prefect_env import api_url
+    from netrt.send import echo_destination, send_to_dicom
+
+    config = _config(args)
+    layout = DataLayout.from_data_dir(config.paths.data_dir)
+    listener = config.listener
+    if listener.tls.enabled:
+        raise NetrtError("netrt demo sends without TLS, but listener.tls.enabled is true; use storescu +tls instead")
+    host = "127.0.0.1" if listener.host in ("0.0.0.0", "::", "") else listener.host
+    calling = args.calling_ae
+    if listener.allowed_calling_ae_titles and calling not in listener.allowed_calling_ae_titles:
+        calling = listener.allowed_calling_ae_titles[0]
+    node = DicomDestination(name="netrt", type="dicom", ae_title=listener.ae_title, host=host, port=listener.port)
+    try:
+        echo_destination(node, calling_ae_title=calling)
+    except NetrtError as exc:
+        raise NetrtError(f"the NETRT listener does not answer ({exc}); start it first: netrt serve") from exc
+    print(f"1. the listener answers C-ECHO at {listener.ae_title}@{host}:{listener.port}", flush=True)
+    _apply_prefect_environment(config)
+    transactions = TransactionLog(layout.transaction_log)
+    before = len(transactions.entries())
+    with tempfile.TemporaryDirectory(prefix="netrt-demo-") as temp:
+        spec = PhantomSpec(rows=args.size, columns=args.size, slices=args.slices, seed=int(time.time()) % 100000)
+        manifest = write_phantom(spec, Path(temp))
+        files = sorted((Path(temp) / "dicom").iterdir())
+        print(
+            f"2. phantom: {len(files)} files ({args.slices} CT slices of {args.size}x{args.size} + RTSTRUCT)",
+            flush=True,
+        )
+        outcome = send_to_dicom(node, files, calling_ae_title=calling)
+    print(f"3. sent by C-STORE: {outcome.detail}", flush=True)
+    label = study_label(config, layout)(manifest.study_instance_uid)
+    wait = listener.study_idle_seconds + args.timeout
+    print(
+        f"   waiting for the study to be complete ({listener.study_idle_seconds:g} s idle) and processed...", flush=True
+    )
+    run_id = _wait_for_run(transactions, label, before, wait)
+    ui = api_url(config).removesuffix("/api")
+    print(f"4. flow run {run_id}: {ui}/runs/flow-run/{run_id}", flush=True)
+    from prefect import get_client
+
+    deadline = time.monotonic() + args.timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(UUID(run_id))
+            if run.state is not None and run.state.is_final():
+                break
+            if time.monotonic() > deadline:
+                raise NetrtError(
+                    f"flow run {run_id} did not finish within {args.timeout:.0f} s (state {run.state_name})"
+                )
+            time.sleep(1.0)
+    state = run.state
+    if state is None or not state.is_completed():
+        print(f"5. the flow run ended {run.state_name}: {state.message if state else ''}", flush=True)
+        print(f"   the study is in quarantine: netrt quarantine list --config {args.config or '...'}", flush=True)
+        return EXIT_FAILURE
+    summary = state.result(raise_on_failure=False)
+    print("5. processed:", flush=True)
+    for destination in config.effective_destinations():
+        where = destination.path / label if hasattr(destination, "path") else f"{destination.host}:{destination.port}"
+        print(f"   output ({destination.name}): {where}", flush=True)
+    preview = summary.get("preview") if isinstance(summary, dict) else None
+    if preview:
+        print(f"   preview: {preview}", flush=True)
+    print(f"   run report and preview image: {ui}/runs/flow-run/{run_id} (Artifacts)", flush=True)
     return EXIT_OK
 
 
@@ -277,9 +512,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"netrt {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    serve = commands.add_parser("serve", help="run the node: local Prefect server with UI (and the listener)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the node: DICOM listener, flow runs per received study, local Prefect server with UI",
+        description="Starts the local Prefect server with its UI (when prefect.api_url is null), serves the "
+        "process-study and rerun-quarantine deployments, and runs the DICOM listener, which creates one "
+        "flow run per completed study. SIGTERM or Ctrl-C stops it cleanly.",
+    )
     serve.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    serve.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="do not serve the deployments here: flow runs are left to workers of the Prefect API",
+    )
     serve.set_defaults(handler=cmd_serve)
+
+    listener = commands.add_parser(
+        "listener",
+        help="run only the DICOM listener; flow runs go to prefect.api_url and its workers",
+        description="The DICOM listener alone: completed studies get flow runs on prefect.api_url (or on the "
+        "local server of a running `netrt serve`), executed by that API's workers.",
+    )
+    listener.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    listener.set_defaults(handler=cmd_listener)
+
+    demo = commands.add_parser(
+        "demo",
+        help="send a phantom study to the running node, wait for its flow run, print where the output is",
+        description="With `netrt serve` running (same config): generates a phantom CT + RTSTRUCT, sends it to "
+        "the listener by C-STORE, waits for the study's flow run and prints where the output series and "
+        "the preview are.",
+    )
+    demo.add_argument("--config", metavar="FILE", help="YAML config of the running node (default: built-in defaults)")
+    demo.add_argument("--size", type=int, default=128, help="rows and columns of the phantom slices (default 128)")
+    demo.add_argument("--slices", type=int, default=40, help="CT slices of the phantom (default 40)")
+    demo.add_argument("--calling-ae", default="NETRT_DEMO", help="calling AE title to send with (default NETRT_DEMO)")
+    demo.add_argument(
+        "--timeout", type=_positive_float, default=600.0, help="seconds to wait for the flow run (default 600)"
+    )
+    demo.set_defaults(handler=cmd_demo)
 
     process = commands.add_parser(
         "process",
@@ -323,6 +594,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", help="print the effective config (defaults + FILE + environment)")
     show.add_argument("file", metavar="FILE", nargs="?")
     show.set_defaults(handler=cmd_config_show)
+
+    echo = commands.add_parser(
+        "echo",
+        help="C-ECHO a configured dicom destination (set-up check); exit 1 with the reason when it fails",
+    )
+    echo.add_argument("destination", metavar="DESTINATION", help="name of a destination of type dicom")
+    echo.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    echo.set_defaults(handler=cmd_echo)
 
     phantom = commands.add_parser(
         "phantom",
