@@ -34,6 +34,7 @@ from netrt.study import find_study, load_study
 
 
 def _config(root: Path, name: str) -> tuple[Path, NetrtConfig]:
+    root.mkdir(parents=True, exist_ok=True)
     path = root / f"{name}.yaml"
     path.write_text(f"paths: {{data_dir: {root / name}}}\n", encoding="utf-8")
     return path, load_config(path)

@@ -1,0 +1,428 @@
+"""Figure "receive": the NETRT listener against dcmtk's storescp, one study over loopback, same run.
+
+80 CT slices of 512x512 (``--smoke``: 20 of 64x64) are written once. Then, ``runs`` times,
+alternating the order, dcmtk's ``storescu +sd`` sends the folder to
+
+- dcmtk's ``storescp -od DIR`` (its defaults: the baseline the issue names), and
+- NETRT's whole listener (:class:`listener.service.ListenerService` in a fresh process: access
+  checks, UID checks, study tracking, temp file + fsync + rename + directory fsync per instance);
+
+and the wall time of ``storescu`` (start to exit, every instance acknowledged) is taken for both.
+For reference the same is measured against ``storescp --ignore`` (receives, stores nothing): the
+floor set by storescu and the loopback itself.
+
+storescp listens on all interfaces and has no bind option, so the whole measurement runs inside a
+private network namespace (``unshare -n``, loopback only; needs root). ``TCP_NODELAY=1`` is set
+for the dcmtk tools. ``--profile`` adds one extra, untimed NETRT run under cProfile (the
+association threads), written to ``bench/profiles/receive.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.report import REPO_ROOT, Options, command_line, machine, markdown_table, median, spread, verdict
+
+FIGURE = "receive"
+TARGET_RATIO = 2.0
+PROFILE_OUT = REPO_ROOT / "bench" / "profiles" / "receive.txt"
+WORKER_TIMEOUT_S = 1800
+PORT = 11112
+VARIANTS = ("storescp", "netrt")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed (Debian package dcmtk)")
+    return path
+
+
+# --- inside the namespace: one peer at a time ---------------------------------------------------
+
+
+def _wait_for_echo(process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Until the peer answers C-ECHO (it is listening and negotiating), or fail."""
+    echoscu = _tool("echoscu")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the receiving peer exited with code {process.returncode} before answering")
+        done = subprocess.run(
+            [echoscu, "-aec", "NETRT", "127.0.0.1", str(PORT)], env=_env(), capture_output=True, check=False
+        )
+        if done.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"no C-ECHO answer on port {PORT} within {timeout:.0f} s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def _peer(variant: str, work: Path, profile_out: Path | None) -> subprocess.Popen[bytes]:
+    log = (work / f"{variant}.log").open("wb")
+    if variant == "netrt":
+        command = [sys.executable, "-m", "bench.receive", "listener", "--data", str(work / "data")]
+        if profile_out is not None:
+            command += ["--profile-out", str(profile_out)]
+    else:
+        out = work / "out"
+        out.mkdir()
+        options = ["--ignore"] if variant == "storescp-ignore" else ["-od", str(out)]
+        command = [_tool("storescp"), *options, str(PORT)]
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env())
+
+
+def _received(variant: str, work: Path) -> int:
+    if variant == "netrt":
+        return sum(1 for p in (work / "data").glob("incoming/*/*.dcm"))
+    if variant == "storescp-ignore":
+        return -1
+    return sum(1 for p in (work / "out").iterdir() if p.is_file())
+
+
+def _one_run(
+    variant: str, input_dir: Path, work: Path, profile_out: Path | None = None
+) -> tuple[float, dict[str, list[float]]]:
+    work.mkdir(parents=True)
+    peer = _peer(variant, work, profile_out)
+    try:
+        _wait_for_echo(peer)
+        started = time.perf_counter()
+        sent = subprocess.run(
+            [_tool("storescu"), "-aec", "NETRT", "+sd", "127.0.0.1", str(PORT), str(input_dir)],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        elapsed = time.perf_counter() - started
+    finally:
+        _stop(peer)
+    if sent.returncode != 0:
+        raise RuntimeError(f"storescu to {variant} failed (exit {sent.returncode}):\n{sent.stderr[-2000:]}")
+    expected = sum(1 for _ in input_dir.iterdir())
+    received = _received(variant, work)
+    if received not in (-1, expected):
+        raise RuntimeError(f"{variant} stored {received} of {expected} instances")
+    timings_file = work / "timings.json"
+    timings = json.loads(timings_file.read_text(encoding="utf-8")) if timings_file.exists() else {}
+    shutil.rmtree(work)
+    os.sync()  # the next run starts without this run's dirty pages still being written back
+    return elapsed, timings
+
+
+def worker(input_dir: Path, root: Path, runs: int, result: Path, profile_out: Path | None) -> None:
+    """Runs inside ``unshare -n``: bring up loopback, measure every variant, write the result JSON."""
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    times: dict[str, list[float]] = {"storescp": [], "netrt": [], "storescp-ignore": []}
+    # Per run, the medians over its instances of NETRT's handler stages (seconds).
+    stages: dict[str, list[float]] = {"handler": [], "durable_write": [], "fsync": []}
+    orders: list[str] = []
+    for index in range(runs):
+        order = VARIANTS if index % 2 == 0 else tuple(reversed(VARIANTS))
+        orders.append(" -> ".join(order))
+        for variant in (*order, "storescp-ignore"):
+            elapsed, timings = _one_run(variant, input_dir, root / f"run{index}-{variant}")
+            times[variant].append(elapsed)
+            for stage, values in timings.items():
+                if values:
+                    stages[stage].append(sum(values) / len(values))
+            print(f"receive: run {index + 1}/{runs} {variant}: {elapsed:.3f} s", file=sys.stderr)
+    if profile_out is not None:
+        _one_run("netrt", input_dir, root / "profile-netrt", profile_out)
+    result.write_text(json.dumps({"times": times, "stages": stages, "orders": orders}), encoding="utf-8")
+
+
+# --- the NETRT listener process -----------------------------------------------------------------
+
+
+def _instrument() -> dict[str, list[float]]:
+    """Time, per C-STORE, NETRT's handler, its durable write and the fsyncs inside that write.
+
+    Benchmark-only wrappers (a few perf_counter calls per instance): they split the listener's
+    time per instance into what NETRT's own code spends and what is left to pynetdicom.
+    """
+    import threading
+
+    import listener.scp as scp
+
+    timings: dict[str, list[float]] = {"handler": [], "durable_write": [], "fsync": []}
+    local = threading.local()
+    real_fsync, real_write, real_on_store = os.fsync, scp.write_instance, scp.ListenerHandlers.on_store
+
+    def fsync(fd: int) -> None:
+        started = time.perf_counter()
+        real_fsync(fd)
+        if getattr(local, "in_write", False):
+            local.fsync += time.perf_counter() - started
+
+    def write_instance(folder: Path, sop_instance_uid: str, data: bytes | memoryview) -> Path:
+        local.in_write, local.fsync = True, 0.0
+        started = time.perf_counter()
+        try:
+            return real_write(folder, sop_instance_uid, data)
+        finally:
+            timings["durable_write"].append(time.perf_counter() - started)
+            timings["fsync"].append(local.fsync)
+            local.in_write = False
+
+    def on_store(self: Any, event: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return real_on_store(self, event)
+        finally:
+            timings["handler"].append(time.perf_counter() - started)
+
+    os.fsync = fsync
+    scp.write_instance = write_instance  # type: ignore[assignment]
+    scp.ListenerHandlers.on_store = on_store  # type: ignore[method-assign]
+    return timings
+
+
+def listener(data: Path, profile_out: Path | None) -> None:
+    """The whole NETRT listener on 127.0.0.1:PORT until SIGTERM; completion never fires during a run."""
+    import threading
+
+    from listener.completion import SealedStudy
+    from listener.service import ListenerService
+    from netrt.config import load_config
+
+    config = load_config(None)
+    config.paths.data_dir = data
+    config.listener.host = "127.0.0.1"
+    config.listener.port = PORT
+    config.listener.study_idle_seconds = 3600.0  # sealing is not part of receiving
+
+    def trigger(study: SealedStudy) -> str:
+        raise RuntimeError("no flow runs in the receive benchmark")
+
+    profiles: list[Any] = []
+    if profile_out is not None:
+        import cProfile
+
+        from pynetdicom.association import Association
+
+        original = Association.run
+
+        def profiled(self: Association) -> None:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            try:
+                original(self)
+            finally:
+                profiler.disable()
+                profiles.append(profiler)
+
+        Association.run = profiled  # type: ignore[method-assign]
+    timings = _instrument()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    service = ListenerService(config, trigger=trigger)
+    service.start()
+    stop.wait()
+    service.stop(grace=1.0)
+    (data.parent / "timings.json").write_text(json.dumps(timings), encoding="utf-8")
+    if profile_out is not None and profiles:
+        import io
+        import pstats
+
+        text = io.StringIO()
+        stats = pstats.Stats(profiles[0], stream=text)
+        for extra in profiles[1:]:
+            stats.add(extra)
+        text.write("NETRT listener, association threads (C-ECHO probes and the storescu association)\n")
+        stats.sort_stats("cumulative").print_stats(30)
+        stats.sort_stats("tottime").print_stats(30)
+        profile_out.parent.mkdir(parents=True, exist_ok=True)
+        profile_out.write_text(text.getvalue(), encoding="utf-8")
+
+
+# --- the figure ---------------------------------------------------------------------------------
+
+
+def _namespace_command() -> list[str]:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise RuntimeError("unshare (util-linux) is needed to run storescp in a private network namespace")
+    return [unshare, "-n"]
+
+
+def measure(smoke: bool, runs: int, root: Path, profile: bool) -> dict[str, Any]:
+    from netrt.phantom import PhantomSpec, write_phantom
+
+    rows, slices = (64, 20) if smoke else (512, 80)
+    write_phantom(PhantomSpec(rows=rows, columns=rows, slices=slices, pixel_spacing=(0.98, 0.98)), root / "phantom")
+    input_dir = root / "phantom" / "dicom"
+    result = root / "result.json"
+    command = [
+        *_namespace_command(),
+        sys.executable,
+        "-m",
+        "bench.receive",
+        "worker",
+        "--input",
+        str(input_dir),
+        "--root",
+        str(root / "runs"),
+        "--runs",
+        str(runs),
+        "--result",
+        str(result),
+    ]
+    if profile:
+        command += ["--profile-out", str(PROFILE_OUT)]
+    os.sync()
+    completed = subprocess.run(command, cwd=REPO_ROOT, timeout=WORKER_TIMEOUT_S, check=False, stderr=None)
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"the receive benchmark worker failed (exit {completed.returncode}); "
+            "it needs root for `unshare -n` and dcmtk's storescu/storescp/echoscu"
+        )
+    data: dict[str, Any] = json.loads(result.read_text(encoding="utf-8"))
+    files = sorted(input_dir.iterdir())
+    data.update(
+        rows=rows,
+        slices=slices,
+        files=len(files),
+        input_bytes=sum(p.stat().st_size for p in files),
+        smoke=smoke,
+        profile=profile,
+    )
+    return data
+
+
+def render(data: dict[str, Any]) -> str:
+    times: dict[str, list[float]] = data["times"]
+    storescp, netrt, floor = times["storescp"], times["netrt"], times["storescp-ignore"]
+    ratio = median(netrt) / median(storescp)
+    paired = [n / s for n, s in zip(netrt, storescp, strict=True)]
+    per_instance = {name: median(values) / data["files"] * 1000 for name, values in times.items()}
+    rows = [
+        [
+            "dcmtk `storescp -od DIR` (baseline)",
+            f"{median(storescp):.3f} ({spread(storescp)})",
+            f"{per_instance['storescp']:.2f}",
+            "1.00x",
+        ],
+        [
+            "NETRT listener (whole: checks, tracking, temp file + fsync + rename + dir fsync)",
+            f"{median(netrt):.3f} ({spread(netrt)})",
+            f"{per_instance['netrt']:.2f}",
+            f"**{ratio:.2f}x**",
+        ],
+        [
+            "dcmtk `storescp --ignore` (receives, stores nothing: the storescu + loopback floor)",
+            f"{median(floor):.3f} ({spread(floor)})",
+            f"{per_instance['storescp-ignore']:.2f}",
+            f"{median(floor) / median(storescp):.2f}x",
+        ],
+    ]
+    headers = ["receiver", "storescu wall time s, median (min-max)", "ms per instance", "/ baseline"]
+    table = markdown_table(headers, rows)
+    stages: dict[str, list[float]] = data["stages"]
+    handler_ms = median(stages["handler"]) * 1000
+    write_ms = median(stages["durable_write"]) * 1000
+    fsync_ms = median(stages["fsync"]) * 1000
+    netrt_ms, storescp_ms, floor_ms = per_instance["netrt"], per_instance["storescp"], per_instance["storescp-ignore"]
+    breakdown = markdown_table(
+        ["per instance", "ms", "what"],
+        [
+            ["NETRT, all", f"{netrt_ms:.2f}", "storescu wall time / instances"],
+            ["- in NETRT's C-STORE handler", f"{handler_ms:.2f}", "UID checks, study tracking, durable write"],
+            ["-- durable write", f"{write_ms:.2f}", "temp file, write, fsync, rename, directory fsync"],
+            ["--- of which the two fsyncs", f"{fsync_ms:.2f}", "file and directory (storescp does none)"],
+            [
+                "- outside the handler",
+                f"{netrt_ms - handler_ms:.2f}",
+                "storescu itself, loopback, pynetdicom: PDU reads, P-DATA reassembly, thread hand-offs "
+                "(its reactors poll every 1 ms), C-STORE-RSP encoding",
+            ],
+            ["storescp, all", f"{storescp_ms:.2f}", f"for comparison; storescu + loopback alone: {floor_ms:.2f}"],
+        ],
+    )
+    smoke = " (smoke sizes: checks the benchmark runs; not a figure)" if data["smoke"] else ""
+    lines = [
+        "## Receive",
+        "",
+        f"{data['slices']} CT slices of {data['rows']}x{data['rows']} plus an RTSTRUCT (`netrt.phantom`, "
+        f"{data['files']} files, {data['input_bytes'] / 1e6:.0f} MB, explicit VR little endian) sent by dcmtk "
+        "`storescu +sd` over loopback inside a private network namespace (`unshare -n`), `TCP_NODELAY=1`. "
+        "Time: `storescu` start to exit, every instance acknowledged.",
+        "",
+        f"- command: `{command_line()}`{smoke}",
+        machine(("netrt", "pynetdicom", "pydicom")).markdown(),
+        f"- runs: {len(netrt)} per receiver, a fresh receiver process per run, NETRT and storescp alternating "
+        f"({'; '.join(data['orders'])}), `storescp --ignore` last; `os.sync()` after each run",
+        "",
+        table,
+        "",
+        f"**Target: NETRT / storescp <= {TARGET_RATIO:g}x: {verdict(ratio, TARGET_RATIO)}.** "
+        f"Per-run paired ratios: {', '.join(f'{r:.2f}x' for r in paired)}.",
+        "",
+        "Where NETRT's time per instance goes (handler stages timed inside the listener process, mean per "
+        "instance, median over the runs):",
+        "",
+        breakdown,
+    ]
+    if data["profile"]:
+        lines += [
+            "",
+            f"Profile: `{PROFILE_OUT.relative_to(REPO_ROOT)}` (cProfile of the listener's association threads in "
+            "one extra, untimed run).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def run(options: Options) -> str:
+    """Measure the figure and return its Markdown section."""
+    root = Path(tempfile.mkdtemp(prefix="netrt-bench-receive-"))
+    try:
+        return render(measure(options.smoke, options.runs, root, options.profile))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.receive", description="internal entry points")
+    commands = parser.add_subparsers(dest="command", required=True)
+    work = commands.add_parser("worker")
+    work.add_argument("--input", type=Path, required=True)
+    work.add_argument("--root", type=Path, required=True)
+    work.add_argument("--runs", type=int, required=True)
+    work.add_argument("--result", type=Path, required=True)
+    work.add_argument("--profile-out", type=Path)
+    serve = commands.add_parser("listener")
+    serve.add_argument("--data", type=Path, required=True)
+    serve.add_argument("--profile-out", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        worker(args.input, args.root, args.runs, args.result, args.profile_out)
+    else:
+        listener(args.data, args.profile_out)
+
+
+if __name__ == "__main__":
+    main()
