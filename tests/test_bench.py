@@ -70,3 +70,27 @@ def test_process_benchmark_smoke_writes_its_section(tmp_path: Path) -> None:
     assert re.search(r"\| NETRT \| \d+ \(\d+-\d+\) \|", section), "no peak RSS row for NETRT"
     # The printed table is the written one.
     assert "| **total** |" in completed.stdout
+
+
+def test_orchestration_benchmark_smoke_reports_a_paired_overhead(tmp_path: Path) -> None:
+    """The figure starts a real local Prefect server, runs flow and direct calls, and says whether
+    the overhead target is met, with the measured numbers."""
+    out = tmp_path / "B.md"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "orchestration", "--smoke", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    text = out.read_text(encoding="utf-8")
+    section = text[text.index("<!-- bench:orchestration:start -->") : text.index("<!-- bench:orchestration:end -->")]
+    rows = {_cells(line)[0]: _cells(line) for line in section.splitlines() if line.startswith("| ")}
+    flow = float(rows["process-study flow (running server, SQLite)"][1])
+    direct = float(rows["the same netrt calls, direct"][1])
+    overhead = float(rows["overhead per study (paired median)"][1])
+    assert flow > 0 and direct > 0
+    assert abs(overhead - (flow - direct)) < 0.02  # one run: the paired median is the difference
+    assert re.search(r"= \d+\.\d+ s: (met|\*\*missed by \d+\.\d+ s\*\*) \(", section), section
