@@ -365,13 +365,16 @@ def _run_node(args: argparse.Namespace, *, local_server: bool, flow_server: bool
             from flows.deployments import start_flow_server, stop_flow_server
 
             if local_server:
-                _crash_orphaned_runs(logger)
+                try:
+                    _crash_orphaned_runs(logger)
+                except Exception as exc:  # recovery then trusts those runs; the node still comes up
+                    logger.warning("could not check for flow runs left by a previous netrt serve: %s", exc)
             flows = start_flow_server(config_file, prefect_env, layout.logs / "flow-server.log")
             print("flows: serving the process-study and rerun-quarantine deployments", flush=True)
         if not stop.is_set():
             listener = _start_listener(config, config_file)
-        print(f"data dir: {layout.root}", flush=True)
-        print("NETRT is running; stop it with Ctrl-C or SIGTERM.", flush=True)
+            print(f"data dir: {layout.root}", flush=True)
+            print("NETRT is running; stop it with Ctrl-C or SIGTERM.", flush=True)
         while not stop.wait(1.0):
             for name, child in (("local Prefect server", server), ("flow server", flows)):
                 if child is not None and child.poll() is not None:

@@ -67,6 +67,12 @@ class DataLayout:
         return self.root / "prefect"
 
     @property
+    def state(self) -> Path:
+        """Small durable bookkeeping of the services (e.g. ``state/sealed/<uid>.json``: has this
+        sealed study's flow run been created?); kept out of the study folders, which are read whole."""
+        return self.root / "state"
+
+    @property
     def app_log(self) -> Path:
         return self.logs / "netrt.log"
 

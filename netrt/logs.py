@@ -41,6 +41,10 @@ def setup_logging(log_file: Path, level: int = logging.INFO, console: bool = Tru
         stream = logging.StreamHandler()
         stream.setFormatter(logging.Formatter(_FORMAT))
         logger.addHandler(stream)
+    if console:
+        # Our own console handler prints each line; Prefect's root console handler (configured as
+        # soon as Prefect is imported, e.g. by `netrt serve`) would print it a second time.
+        logger.propagate = False
     return logger
 
 

@@ -1,0 +1,644 @@
+"""Delivery by C-STORE to DICOM destinations (a PACS, a TPS, another node), and C-ECHO for set-up.
+
+One call of :func:`send_to_dicom` is one attempt: one association, every instance not yet
+acknowledged sent once, every C-STORE status checked. It does not loop or sleep; the ``deliver``
+task retries a failed attempt (Prefect task retries with doubling delay, visible in the UI) only
+when :attr:`DeliveryError.retryable` says waiting may help. What makes those retries cheap and
+exact is the progress file: each acknowledged instance is appended and fsync'd the moment its
+success status arrives, so the next attempt (a task retry, or a quarantine retry days later) sends
+only what is still missing and never an acknowledged instance again (only the one in flight when a
+connection broke can reach the destination twice; a PACS keeps one copy per SOP Instance UID).
+
+Why the socket details matter: without TCP_NODELAY, Nagle's algorithm and the peer's delayed ACK
+hold back the last small segment of every C-STORE message, costing tens of milliseconds per
+instance (measured here: 148 small files to Orthanc in 7.8 s without it, 0.85 s with it). pynetdicom 3 has no public
+hook for socket options, so :class:`_NetrtAE` overrides its socket factories (``_create_socket``
+of the AE and of :class:`~pynetdicom.transport.AssociationSocket`; pynetdicom is pinned to 3.x and
+a test checks the option on a live association) to hand pynetdicom a socket with TCP_NODELAY that
+also records why a connection failed (pynetdicom only logs that), so errors say "connection
+refused", "timed out" or which TLS check failed instead of a bare "aborted".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom import _config as _pynetdicom_config
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import code_to_category
+from pynetdicom.transport import AddressInformation, AssociationSocket
+
+from netrt.config import DicomDestination
+from netrt.deliver import DeliveryOutcome
+from netrt.errors import DeliveryError
+from netrt.fileio import fsync_dir
+
+logger = logging.getLogger(__name__)
+
+# PS3.8 9.3.2.2: context IDs are odd numbers 1-255, so an association carries at most 128 contexts.
+MAX_PRESENTATION_CONTEXTS = 128
+# What a file is converted to when the destination does not accept its stored transfer syntax.
+_FALLBACK_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 permanent, 2 transient; source 1 service user, 2 ACSE
+# provider, 3 presentation provider; reasons of the service user.
+_REJECTED_PERMANENT = 1
+_SOURCE_SERVICE_USER = 1
+_SOURCE_PRESENTATION = 3
+_REASON_CALLING_AE = 3
+_REASON_CALLED_AE = 7
+
+
+@dataclass(frozen=True)
+class _Instance:
+    """One file to deliver, identified by what the destination will key it on."""
+
+    path: Path
+    sop_class_uid: UID
+    sop_instance_uid: str
+    transfer_syntax: UID
+    sha256: str
+
+
+@dataclass(frozen=True)
+class _Failure:
+    instance: _Instance
+    reason: str
+    retryable: bool
+
+
+@dataclass
+class _Trace:
+    """What happened on the wire, gathered from the socket and pynetdicom's ACSE events."""
+
+    connect_error: OSError | None = None
+    connected: bool = False
+    response: A_ASSOCIATE | A_ABORT | A_P_ABORT | None = None
+    rejection: A_ASSOCIATE | None = None
+    peer_aborted: bool = False
+    closed: bool = False
+    tls_error: ssl.SSLError | None = None
+
+
+def _ended(trace: _Trace) -> str:
+    """Why an established association ended, as far as the wire tells."""
+    if trace.peer_aborted or isinstance(trace.response, A_ABORT):
+        return "the destination aborted the association"
+    if trace.closed:
+        return "the destination closed the connection"
+    return "the association was aborted"
+
+
+# --- sockets: TCP_NODELAY and the reason a connection failed ---------------------------------
+
+
+class _TracedSocket(socket.socket):
+    """A TCP socket that remembers why ``connect`` failed (pynetdicom catches and only logs it)."""
+
+    trace: _Trace | None = None
+
+    def connect(self, address: Any) -> None:
+        try:
+            super().connect(address)
+        except OSError as exc:
+            if self.trace is not None:
+                self.trace.connect_error = exc
+            raise
+        if self.trace is not None:
+            self.trace.connected = True
+
+
+def _traced_ssl_socket_class(trace: _Trace) -> type[ssl.SSLSocket]:
+    """An SSLSocket class for one association's context (``SSLContext.sslsocket_class`` is made
+    for this), so a TLS handshake or connect failure is recorded like a plain one."""
+
+    class _TracedSSLSocket(ssl.SSLSocket):
+        def connect(self, address: Any) -> None:
+            try:
+                super().connect(address)
+            except OSError as exc:
+                trace.connect_error = exc
+                raise
+            trace.connected = True
+
+        def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+            # With TLS 1.3 a server's refusal of the client certificate arrives as an alert after
+            # the handshake, on the first read; keep it so the error names it.
+            try:
+                return super().recv(buflen, flags)
+            except ssl.SSLError as exc:
+                trace.tls_error = exc
+                raise
+
+    return _TracedSSLSocket
+
+
+class _TracedAssociationSocket(AssociationSocket):
+    def __init__(self, assoc: Association, address: AddressInformation, trace: _Trace) -> None:
+        self._trace = trace
+        super().__init__(assoc, address=address)
+
+    def _create_socket(self, address: AddressInformation) -> socket.socket:
+        """A bound, unconnected TCP socket with TCP_NODELAY, in the family of ``address``."""
+        family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
+        sock = _TracedSocket(family, socket.SOCK_STREAM)
+        sock.trace = self._trace
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.assoc.network_timeout is not None:
+            sock.settimeout(self.assoc.network_timeout)
+        sock.bind(address.as_tuple)
+        self._is_connected = False
+        return sock
+
+
+class _NetrtAE(AE):
+    """An AE whose requested associations use :class:`_TracedAssociationSocket`."""
+
+    def __init__(self, ae_title: str, trace: _Trace) -> None:
+        super().__init__(ae_title=ae_title)
+        self.trace = trace
+
+    def _create_socket(
+        self, assoc: Association, address: AddressInformation, tls_args: tuple[ssl.SSLContext, str] | None
+    ) -> AssociationSocket:
+        sock = _TracedAssociationSocket(assoc, address, self.trace)
+        sock.tls_args = tls_args
+        return sock
+
+
+# --- association -------------------------------------------------------------------------------
+
+
+def _where(destination: DicomDestination) -> str:
+    return f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+
+def _resolve(destination: DicomDestination) -> tuple[str, int, int]:
+    """The destination's address as pynetdicom needs it: numeric, IPv4 or (address, flow, scope).
+
+    pynetdicom picks the socket family by looking for '.' or ':' in the host string, which a host
+    name like ``pacs`` defeats, so names are resolved here (and DNS failures named clearly).
+    """
+    try:
+        infos = socket.getaddrinfo(destination.host, destination.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise DeliveryError(
+            destination.name, f"destination unreachable: cannot resolve host {destination.host!r}: {exc}"
+        ) from exc
+    family, _, _, _, sockaddr = infos[0]
+    parts: tuple[Any, ...] = tuple(sockaddr)
+    if family == socket.AF_INET6:
+        return (str(parts[0]), int(parts[2]), int(parts[3]))
+    return (str(parts[0]), 0, 0)
+
+
+def _tls_args(destination: DicomDestination, trace: _Trace) -> tuple[ssl.SSLContext, str] | None:
+    tls = destination.tls
+    if not tls.enabled:
+        return None
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+        context.check_hostname = tls.check_hostname
+        if tls.certfile is not None and tls.keyfile is not None:
+            context.load_cert_chain(tls.certfile, tls.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise DeliveryError(
+            destination.name, f"TLS set-up failed (tls.ca_file/certfile/keyfile): {exc}", retryable=False
+        ) from exc
+    context.sslsocket_class = _traced_ssl_socket_class(trace)
+    return context, destination.host
+
+
+def _not_established(destination: DicomDestination, trace: _Trace, calling_ae_title: str) -> DeliveryError:
+    """The error for an association that did not come up, worded by cause, fatal or retryable."""
+    where = _where(destination)
+    name = destination.name
+    timeout = destination.connect_timeout_seconds
+    exc = trace.connect_error
+    if exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return DeliveryError(
+                name,
+                f"TLS: the certificate of {where} was not accepted ({exc.verify_message}); "
+                "check tls.ca_file / tls.check_hostname",
+                retryable=False,
+            )
+        if isinstance(exc, ssl.SSLError):
+            return DeliveryError(name, f"TLS handshake with {where} failed: {exc}", retryable=False)
+        if isinstance(exc, TimeoutError):
+            return DeliveryError(name, f"destination unreachable: no connection to {where} within {timeout:g} s")
+        return DeliveryError(
+            name, f"destination unreachable: cannot connect to {where}: {exc.strerror or exc}", retryable=True
+        )
+    if trace.tls_error is not None:
+        return DeliveryError(
+            name,
+            f"TLS: {where} ended the connection ({trace.tls_error.reason or trace.tls_error}); "
+            "does it require a client certificate (tls.certfile/keyfile) it trusts?",
+            retryable=False,
+        )
+    response = trace.response
+    rejection = trace.rejection
+    if rejection is None and isinstance(response, A_ASSOCIATE) and response.result in (1, 2):
+        rejection = response
+    if rejection is not None:
+        source, reason = rejection.result_source, rejection.diagnostic
+        permanent = rejection.result == _REJECTED_PERMANENT and source != _SOURCE_PRESENTATION
+        kind = "permanently" if permanent else "transiently"
+        if source == _SOURCE_SERVICE_USER and reason == _REASON_CALLED_AE:
+            detail = (
+                f"{destination.host}:{destination.port} does not answer to the called AE title "
+                f"{destination.ae_title!r} (association rejected {kind}: called AE title not recognised); "
+                "check the destination's ae_title"
+            )
+        elif source == _SOURCE_SERVICE_USER and reason == _REASON_CALLING_AE:
+            detail = (
+                f"{where} does not accept NETRT's calling AE title {calling_ae_title!r} (association rejected "
+                f"{kind}: calling AE title not recognised); register it at the destination or set calling_ae_title"
+            )
+        else:
+            detail = f"association rejected {kind} by {where}: {rejection.reason_str} ({rejection.source_str})"
+        return DeliveryError(name, detail, retryable=not permanent)
+    if isinstance(response, A_ASSOCIATE) and response.result == 0:
+        return DeliveryError(
+            name,
+            f"{where} accepted none of the proposed presentation contexts (SOP class and transfer syntax); "
+            "configure the destination to accept them",
+            retryable=False,
+        )
+    if trace.peer_aborted or isinstance(response, A_ABORT | A_P_ABORT):
+        return DeliveryError(name, f"association aborted by {where} while it was being negotiated")
+    if trace.connected:
+        return DeliveryError(
+            name, f"no answer from {where} to the association request within {destination.acse_timeout_seconds:g} s"
+        )
+    return DeliveryError(name, f"destination unreachable: no association with {where}")
+
+
+def _associate(
+    destination: DicomDestination, calling_ae_title: str, contexts: list[PresentationContext]
+) -> tuple[Association, _Trace]:
+    """An established association, or the DeliveryError saying why not."""
+    trace = _Trace()
+    address = _resolve(destination)
+    ae = _NetrtAE(calling_ae_title, trace)
+    ae.connection_timeout = destination.connect_timeout_seconds
+    ae.acse_timeout = destination.acse_timeout_seconds
+    ae.dimse_timeout = destination.dimse_timeout_seconds
+    ae.network_timeout = destination.network_timeout_seconds
+
+    def on_acse(event: Event) -> None:
+        primitive = event.primitive  # type: ignore[attr-defined]
+        if isinstance(primitive, A_ASSOCIATE | A_ABORT | A_P_ABORT):
+            trace.response = primitive
+
+    def on_pdu(event: Event) -> None:
+        # Recorded as the DUL thread decodes the PDU: under load pynetdicom's requesting thread can
+        # find the connection already closed after an A-ASSOCIATE-RJ and give up without reading
+        # the rejection, so EVT_ACSE_RECV alone would miss why.
+        pdu = event.pdu  # type: ignore[attr-defined]
+        if isinstance(pdu, A_ASSOCIATE_RJ):
+            trace.rejection = pdu.to_primitive()
+        elif isinstance(pdu, A_ABORT_RQ):
+            trace.peer_aborted = True
+
+    def on_close(event: Event) -> None:
+        trace.closed = True
+
+    addr: str | tuple[str, int, int] = address if ":" in address[0] else address[0]
+    assoc = ae.associate(
+        addr,
+        destination.port,
+        contexts=contexts,
+        ae_title=destination.ae_title,
+        max_pdu=destination.max_pdu_size,
+        tls_args=_tls_args(destination, trace),
+        evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), (evt.EVT_PDU_RECV, on_pdu), (evt.EVT_CONN_CLOSE, on_close)],
+    )
+    if not assoc.is_established:
+        raise _not_established(destination, trace, calling_ae_title)
+    return assoc, trace
+
+
+# --- progress file -----------------------------------------------------------------------------
+
+
+def _acknowledged(progress_file: Path | None) -> set[tuple[str, str]]:
+    """(SOPInstanceUID, sha256) pairs the destination has acknowledged in earlier attempts.
+
+    The content hash is part of the key so that a re-written instance with the same UID but other
+    content (re-processing with changed input) is sent again rather than skipped. A torn last line
+    (a crash mid-append) is ignored: that instance is simply sent again.
+    """
+    if progress_file is None or not progress_file.exists():
+        return set()
+    done: set[tuple[str, str]] = set()
+    text = progress_file.read_text(encoding="utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+            done.add((str(entry["sop_instance_uid"]), str(entry["sha256"])))
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s:%d: unreadable progress line ignored", progress_file, number)
+    return done
+
+
+class _ProgressLog:
+    """Appends one fsync'd JSON line per acknowledged instance."""
+
+    def __init__(self, path: Path | None, destination: str) -> None:
+        self._handle = None
+        self._destination = destination
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            created = not path.exists()
+            torn = False
+            if not created and path.stat().st_size > 0:
+                with path.open("rb") as existing:
+                    existing.seek(-1, os.SEEK_END)
+                    torn = existing.read(1) != b"\n"
+            self._handle = path.open("a", encoding="utf-8")
+            if torn:  # a crash cut the last line short: end it, so the next line stays readable
+                self._handle.write("\n")
+            if created:
+                fsync_dir(path.parent)
+
+    def record(self, instance: _Instance, status: int) -> None:
+        if self._handle is None:
+            return
+        entry = {
+            "sop_instance_uid": instance.sop_instance_uid,
+            "sha256": instance.sha256,
+            "destination": self._destination,
+            "status": f"0x{status:04X}",
+            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        }
+        self._handle.write(json.dumps(entry) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+# --- instances and presentation contexts ---------------------------------------------------------
+
+
+def _read_instance(destination: DicomDestination, path: Path) -> _Instance:
+    try:
+        data = path.read_bytes()
+        meta = read_file_meta_info(path)
+        sop_class = UID(str(meta.MediaStorageSOPClassUID))
+        sop_instance = str(meta.MediaStorageSOPInstanceUID)
+        syntax = UID(str(meta.TransferSyntaxUID))
+    except Exception as exc:  # unreadable or not DICOM Part 10: nothing a retry can change
+        raise DeliveryError(
+            destination.name, f"{path}: cannot read the file meta of this instance: {exc}", False
+        ) from exc
+    return _Instance(path, sop_class, sop_instance, syntax, hashlib.sha256(data).hexdigest())
+
+
+def _requested_contexts(destination: DicomDestination, instances: Sequence[_Instance]) -> list[PresentationContext]:
+    """Contexts for exactly what is being sent.
+
+    One context per (SOP class, stored transfer syntax) with that syntax alone, so a peer that
+    accepts it cannot pick another; plus, per SOP class, one fallback context with the uncompressed
+    little-endian syntaxes not proposed alone, used only for files whose stored syntax is refused.
+    """
+    stored: dict[UID, list[UID]] = {}
+    for instance in instances:
+        syntaxes = stored.setdefault(instance.sop_class_uid, [])
+        if instance.transfer_syntax not in syntaxes:
+            syntaxes.append(instance.transfer_syntax)
+    contexts: list[PresentationContext] = []
+    for sop_class, syntaxes in stored.items():
+        contexts.extend(build_context(sop_class, [syntax]) for syntax in syntaxes)
+        fallback: list[str | UID] = [syntax for syntax in _FALLBACK_SYNTAXES if syntax not in syntaxes]
+        if fallback:
+            contexts.append(build_context(sop_class, fallback))
+    if len(contexts) > MAX_PRESENTATION_CONTEXTS:
+        raise DeliveryError(
+            destination.name,
+            f"{len(stored)} SOP classes in {sum(len(s) for s in stored.values())} transfer syntaxes need "
+            f"{len(contexts)} presentation contexts; one association carries at most {MAX_PRESENTATION_CONTEXTS}",
+            retryable=False,
+        )
+    return contexts
+
+
+def _sop_name(uid: UID) -> str:
+    return f"{uid.name} ({uid})" if uid.name and uid.name != str(uid) else str(uid)
+
+
+def _payload(accepted: set[tuple[str, str]], instance: _Instance) -> Path | Dataset:
+    """What to hand pynetdicom for ``instance``: the file itself when the peer accepted its stored
+    transfer syntax (streamed as stored, byte for byte, never decoded), else a dataset converted to
+    an accepted uncompressed syntax (the pixels the stored file decodes to: the same SOP instance).
+
+    Raises ValueError naming what the peer refused when no accepted context fits.
+    """
+    if (instance.sop_class_uid, instance.transfer_syntax) in accepted:
+        return instance.path
+    if not any((instance.sop_class_uid, syntax) in accepted for syntax in _FALLBACK_SYNTAXES):
+        raise ValueError(
+            f"the destination accepts {_sop_name(instance.sop_class_uid)} in neither the stored transfer syntax "
+            f"{instance.transfer_syntax.name} nor uncompressed"
+        )
+    if instance.transfer_syntax == ExplicitVRBigEndian:
+        raise ValueError("the destination refuses Explicit VR Big Endian and NETRT does not convert from it")
+    dataset = pydicom.dcmread(instance.path)
+    if instance.transfer_syntax.is_compressed:
+        # Only the encoding changes, so the SOP Instance UID stays (pydicom would make a new one).
+        dataset.decompress(generate_instance_uid=False)
+    # pynetdicom re-encodes an uncompressed dataset in whichever uncompressed syntax was accepted.
+    return dataset
+
+
+def _status_retryable(code: int) -> bool:
+    """Whether a C-STORE failure status may go away by itself (resources, a busy or failing store),
+    as opposed to a refusal of this data (SOP class, data set, authorisation) that will repeat."""
+    if 0xA700 <= code <= 0xA7FF:  # out of resources
+        return True
+    if 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF:  # data set does not match / cannot understand
+        return False
+    return code not in (0x0117, 0x0122, 0x0124)  # invalid instance, SOP class not supported, not authorised
+
+
+# --- the two entry points ----------------------------------------------------------------------
+
+
+def send_to_dicom(
+    destination: DicomDestination,
+    files: Sequence[Path],
+    *,
+    calling_ae_title: str,
+    progress_file: Path | None = None,
+) -> DeliveryOutcome:
+    """One delivery attempt of ``files`` to ``destination`` by C-STORE over one association.
+
+    Instances recorded in ``progress_file`` as acknowledged (same SOPInstanceUID and content) are
+    skipped; each new acknowledgement (success or warning status) is appended and fsync'd there at
+    once. Use one progress file per destination and written study, kept with the written series
+    (it moves to quarantine with them), so retries re-send only what is missing.
+
+    Returns the outcome when every instance is acknowledged (``instances_sent`` counts all of them,
+    including those acknowledged by earlier attempts). Raises :class:`DeliveryError` otherwise,
+    saying how many instances were not stored and why; ``retryable`` is False when waiting cannot
+    help (association rejected permanently, TLS refused, only refusals of the data itself).
+    """
+    started = time.perf_counter()
+    done = _acknowledged(progress_file)
+    instances = [_read_instance(destination, Path(path)) for path in files]
+    pending: list[_Instance] = []
+    queued: set[tuple[str, str]] = set()
+    for instance in instances:
+        key = (instance.sop_instance_uid, instance.sha256)
+        if key not in done and key not in queued:
+            pending.append(instance)
+            queued.add(key)
+    earlier = len(instances) - len(pending)
+    where = _where(destination)
+    if not pending:
+        return DeliveryOutcome(
+            destination.name, len(instances), 0, f"all {len(instances)} instances already acknowledged by {where}"
+        )
+
+    contexts = _requested_contexts(destination, pending)
+    try:
+        progress = _ProgressLog(progress_file, destination.name)
+    except OSError as exc:
+        raise DeliveryError(destination.name, f"cannot write the progress file {progress_file}: {exc}") from exc
+    try:
+        assoc, trace = _associate(destination, calling_ae_title, contexts)
+    except BaseException:
+        progress.close()
+        raise
+    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+    # send_c_store(path) then streams the file's data set from disk as stored instead of decoding and
+    # re-encoding it (less CPU and memory, and the peer gets exactly the stored bytes). A
+    # process-wide pynetdicom setting; it changes nothing for datasets passed as objects.
+    _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    failures: list[_Failure] = []
+    sent = 0
+    try:
+        for index, instance in enumerate(pending):
+            if not assoc.is_established or trace.closed:
+                why = _ended(trace)
+                failures.extend(_Failure(rest, f"not sent: {why}", True) for rest in pending[index:])
+                break
+            try:
+                payload = _payload(accepted, instance)
+            except ValueError as exc:
+                failures.append(_Failure(instance, str(exc), False))
+                continue
+            except Exception as exc:  # decoding a compressed file for conversion failed
+                failures.append(_Failure(instance, f"cannot convert for sending: {exc}", False))
+                continue
+            try:
+                response = assoc.send_c_store(payload, msg_id=index % 0xFFFF + 1)
+            except (ValueError, AttributeError) as exc:  # no context fits / cannot encode
+                failures.append(_Failure(instance, f"cannot send: {exc}", False))
+                continue
+            except RuntimeError as exc:  # the association ended between two instances
+                failures.append(_Failure(instance, f"not sent: {_ended(trace)} ({exc})", True))
+                continue
+            if "Status" not in response:
+                # The connection closed or the DIMSE timeout expired; either way pynetdicom has
+                # aborted the association, so nothing more can be sent on it.
+                reason = (
+                    f"no C-STORE response: {_ended(trace)}"
+                    if trace.closed
+                    else f"no C-STORE response within {destination.dimse_timeout_seconds:g} s (association aborted)"
+                )
+                failures.append(_Failure(instance, reason, True))
+                failures.extend(_Failure(rest, f"not sent: {_ended(trace)}", True) for rest in pending[index + 1 :])
+                break
+            status = int(response.Status)
+            category = code_to_category(status)
+            comment = str(response.get("ErrorComment", "") or "")
+            if category in ("Success", "Warning"):
+                if category == "Warning":
+                    logger.warning(
+                        "%s: %s stored with warning status 0x%04X%s",
+                        destination.name,
+                        instance.path,
+                        status,
+                        f" ({comment})" if comment else "",
+                    )
+                progress.record(instance, status)
+                sent += 1
+            else:
+                reason = f"C-STORE status 0x{status:04X} ({category}{': ' + comment if comment else ''})"
+                failures.append(_Failure(instance, reason, _status_retryable(status)))
+    finally:
+        progress.close()
+        if assoc.is_established:
+            assoc.release()
+    elapsed = time.perf_counter() - started
+    if failures:
+        for failure in failures:
+            logger.warning("%s: %s not stored: %s", destination.name, failure.instance.path, failure.reason)
+        reasons = Counter(failure.reason for failure in failures)
+        summary = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(3))
+        if len(reasons) > 3:
+            summary += f"; {len(reasons) - 3} other reasons (see the log)"
+        raise DeliveryError(
+            destination.name,
+            f"{len(failures)} of {len(instances)} instances not stored at {where} "
+            f"({sent} stored in this attempt, {earlier} earlier): {summary}",
+            retryable=any(failure.retryable for failure in failures),
+        )
+    logger.info("%s: %d instances stored at %s in %.2f s (%d earlier)", destination.name, sent, where, elapsed, earlier)
+    return DeliveryOutcome(
+        destination.name,
+        len(instances),
+        0,
+        f"{sent} instances stored at {where} in {elapsed:.1f} s; {earlier} acknowledged earlier",
+    )
+
+
+def echo_destination(destination: DicomDestination, *, calling_ae_title: str) -> float:
+    """C-ECHO ``destination``; return the echo's round trip in seconds (association set-up excluded).
+
+    Raises :class:`DeliveryError` worded as for a delivery (unreachable, rejected AE title, TLS).
+    """
+    assoc, _ = _associate(destination, calling_ae_title, [build_context(Verification)])
+    try:
+        started = time.perf_counter()
+        response = assoc.send_c_echo()
+        elapsed = time.perf_counter() - started
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in response:
+        raise DeliveryError(
+            destination.name,
+            f"no C-ECHO response from {_where(destination)} within {destination.dimse_timeout_seconds:g} s",
+        )
+    status = int(response.Status)
+    if status != 0x0000:
+        raise DeliveryError(destination.name, f"C-ECHO answered with status 0x{status:04X}", retryable=False)
+    return elapsed
