@@ -82,11 +82,18 @@ def stop_flow_server(process: subprocess.Popen[bytes], grace: float = 30.0) -> N
 
 
 def trigger_process_study(
-    study_dir: Path, *, study_instance_uid: str | None, config_file: str | None, tags: Sequence[str] = ()
+    study_dir: Path,
+    *,
+    study_instance_uid: str | None,
+    config_file: str | None,
+    tags: Sequence[str] = (),
+    idempotency_key: str | None = None,
 ) -> str:
     """Create a process-study flow run for a sealed study and return its id without waiting.
 
     ``tags`` should carry the source AE title and modality, never patient data (they show in the UI).
+    ``idempotency_key`` (e.g. the study's seal id) makes a repeated call after a crash return the
+    run created the first time instead of a second one.
     """
     from prefect.deployments import run_deployment
 
@@ -99,6 +106,7 @@ def trigger_process_study(
         },
         timeout=0,
         tags=list(tags),
+        idempotency_key=idempotency_key,
         as_subflow=False,
     )
     return str(flow_run.id)

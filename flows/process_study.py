@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
-from prefect import Task, flow, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
@@ -221,17 +221,30 @@ class _Run:
         return scrub_text(text, found.patient)
 
 
-def _locate(layout: DataLayout, source: Path) -> Path:
-    """Where a received study is now: a retry from the Prefect UI re-runs a flow run whose
-    ``studies/<id>`` has since moved to quarantine/ (failed) or processed/ (succeeded); bring it back."""
+def _locate(layout: DataLayout, source: Path) -> Path | None:
+    """Where a received study is now, or None when this run has nothing to do.
+
+    A retry from the Prefect UI re-runs a flow run whose ``studies/<id>`` has since moved to
+    quarantine/ (failed) or processed/ (succeeded): bring it back. A study the listener re-opened
+    (back in incoming/ because more instances arrived) gets a new run when it is sealed again, so
+    this one leaves it alone.
+    """
     resolved = source.resolve()
     if resolved.exists() or resolved.parent != layout.studies or not is_entry_id(resolved.name):
         return source
+    if (layout.incoming / resolved.name).is_dir():
+        return None
     if (layout.quarantine / resolved.name / "input").is_dir():
         return begin_retry(layout, resolved.name)
     if (layout.processed / resolved.name).is_dir():
         move_folder(layout.processed / resolved.name, resolved)
-    return source
+        return source
+    raise StudyFailedError(
+        f"study folder {resolved.name} is in none of studies/, processed/ or quarantine/; nothing to process",
+        "validate",
+        quarantine_id=None,
+        retryable=False,
+    )
 
 
 def _files_of(source: Path, study_instance_uid: str | None) -> list[Path]:
@@ -275,8 +288,13 @@ def process_study(
     report.anonymization = f"{anonymization.mode} mode" if anonymization.enabled else "off"
     if label is not None:
         report.study = run.public(label)
-    transactions.record("flow run started", study_instance_uid=report.study, flow_run_id=run_id)
-    source = _locate(layout, Path(study_dir))
+    transactions.record("flow_run_started", study_instance_uid=report.study, flow_run_id=run_id)
+    located = _locate(layout, Path(study_dir))
+    if located is None:
+        transactions.record("flow_run_skipped", study_instance_uid=report.study, flow_run_id=run_id)
+        get_run_logger().info("the study was re-opened by new instances; its next sealing gets a new run")
+        return {"study_instance_uid": report.study, "skipped": "re-opened", "flow_run_id": run_id}
+    source = located
     try:
         summary = _process(run, source, study_instance_uid, transactions)
     except Exception as exc:
@@ -455,7 +473,7 @@ def _deliver_all(run: _Run, files: list[Path], keyed_work: Path, transactions: T
             failures.append(detail)
             report.destinations.append({"name": destination.name, "ok": False, "instances": 0, "detail": detail})
             transactions.record(
-                "delivery failed",
+                "delivery_failed",
                 study_instance_uid=report.study,
                 destination=destination.name,
                 flow_run_id=report.flow_run_id,
@@ -496,7 +514,7 @@ def _finish(run: _Run, source: Path, label: str | None, transactions: Transactio
         entry = None
     if entry is not None and release(layout, entry_id):
         transactions.record(
-            "released from quarantine",
+            "released_from_quarantine",
             study_instance_uid=run.report.study,
             flow_run_id=run.report.flow_run_id,
             attempts=entry.attempts,

@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Retry quarantined studies whose failure may have healed (delivery, not validation).",
         tags=["netrt"],
     )
-    serve(process, rerun, print_starting_message=True)
+    # Poll for new flow runs every 2 s (Prefect's default is 10 s): a sealed study starts promptly.
+    serve(process, rerun, print_starting_message=True, query_seconds=2)
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def cmd_quarantine_purge(args: argparse.Namespace) -> int:
     layout = DataLayout.from_data_dir(config.paths.data_dir)
     entry = purge(layout, args.id)
     TransactionLog(layout.transaction_log).record(
-        "purged from quarantine", study_instance_uid=entry.study, attempts=entry.attempts
+        "purged_from_quarantine", study_instance_uid=entry.study, attempts=entry.attempts
     )
     print(f"{entry.id}: purged ({entry.folder} deleted)")
     return EXIT_OK
@@ -286,7 +286,11 @@ def _flow_run_callbacks(
         tags = [f"source-ae:{title}" for title in study.calling_ae_titles]
         tags += [f"modality:{modality}" for modality in study.modalities]
         return trigger_process_study(
-            study.folder, study_instance_uid=study.study_instance_uid, config_file=config_file, tags=tags
+            study.folder,
+            study_instance_uid=study.study_instance_uid,
+            config_file=config_file,
+            tags=tags,
+            idempotency_key=f"{study.study_instance_uid}:{study.seal_id}" if study.seal_id else None,
         )
 
     def is_run_pending(flow_run_id: str) -> bool:

@@ -194,11 +194,11 @@ def test_failed_delivery_is_quarantined_and_retry_delivers_without_recomputing(
     assert {p.name for p in (layout.processed / uid).iterdir()} == set(before)
 
     events = TransactionLog(layout.transaction_log).entries()
-    runs = [e["flow_run_id"] for e in events if e["event"] == "flow run started"]
+    runs = [e["flow_run_id"] for e in events if e["event"] == "flow_run_started"]
     assert len(runs) == 2
     states = _task_states(runs[-1])
     assert all(states[name][0] == "Cached" for name in CACHED_TASKS), states
-    assert [e["event"] for e in events].count("released from quarantine") == 1
+    assert [e["event"] for e in events].count("released_from_quarantine") == 1
     delivered = [e for e in events if e["event"] == "delivered"]
     assert delivered[-1]["destination"] == "pacs" and delivered[-1]["flow_run_id"] == runs[-1]
 
@@ -257,3 +257,22 @@ def test_rerun_quarantine_delivers_healed_studies(prefect_harness: None, tmp_pat
         assert len(pacs.stored) > 0
     assert not (layout.quarantine / uid).exists()
     assert (layout.processed / uid).is_dir()
+
+
+def test_a_run_for_a_study_reopened_by_the_listener_leaves_it_alone(prefect_harness: None, tmp_path: Path) -> None:
+    """The listener moved studies/<uid> back to incoming/ (more instances came): the queued run ends
+    without touching it and without a quarantine entry; a run for a folder found nowhere fails clearly."""
+    from flows.process_study import process_study
+    from netrt.errors import StudyFailedError
+
+    layout = DataLayout.from_data_dir(tmp_path / "data").create()
+    study_dir, uid = _received_study(tmp_path, layout, seed=4)
+    study_dir.rename(layout.incoming / uid)
+    config = _config(tmp_path, layout.root, free_port())
+    summary = process_study(study_dir=str(study_dir), config_file=str(config))
+    assert summary["skipped"] == "re-opened"
+    assert (layout.incoming / uid).is_dir() and not list(layout.quarantine.iterdir())
+
+    with pytest.raises(StudyFailedError, match="in none of studies/, processed/ or quarantine/"):
+        process_study(study_dir=str(layout.studies / "1.2.3.999"), config_file=str(config))
+    assert not list(layout.quarantine.iterdir())

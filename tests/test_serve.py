@@ -272,7 +272,7 @@ def test_node_killed_during_a_flow_run_processes_the_study_after_restart(tmp_pat
             timeout=120,
         )
         assert sent.returncode == 0, sent.stderr
-        wait_until(lambda: bool(_entries(data, "flow run started")), timeout=180, what="the flow run to start")
+        wait_until(lambda: bool(_entries(data, "flow_run_started")), timeout=180, what="the flow run to start")
         node.kill_everything()
     assert not _entries(data, "delivered"), "the run finished before the kill; nothing was tested"
     assert (data / "studies" / study_uid).is_dir()
