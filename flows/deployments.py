@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from flows.local_server import die_with_parent
 from netrt.errors import NetrtError
 
 PROCESS_STUDY_DEPLOYMENT = "process-study/process-study"
@@ -52,7 +53,14 @@ def start_flow_server(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     child_env = {**os.environ, **env}
     with log_path.open("ab") as log:
-        process = subprocess.Popen(command, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            env=child_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -6,6 +6,8 @@ event loop, database and UI never share a process with the DICOM listener.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
@@ -16,6 +18,20 @@ import urllib.request
 from pathlib import Path
 
 from netrt.errors import NetrtError
+
+
+def die_with_parent() -> None:
+    """Run in a child before exec: ask Linux to SIGTERM it when the process that started it dies.
+
+    The Prefect server and the flow server run in their own sessions (so Ctrl-C reaches only
+    `netrt serve`, which stops them in order); without this, a SIGKILL of `netrt serve` alone would
+    leave them running and a restart would find the port taken.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: children then outlive a SIGKILLed parent
+        pass
 
 
 def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -46,6 +62,7 @@ def start_local_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
