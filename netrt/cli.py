@@ -290,7 +290,6 @@ def _flow_run_callbacks(
             study_instance_uid=study.study_instance_uid,
             config_file=config_file,
             tags=tags,
-            idempotency_key=f"{study.study_instance_uid}:{study.seal_id}" if study.seal_id else None,
         )
 
     def is_run_pending(flow_run_id: str) -> bool:

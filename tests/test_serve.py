@@ -155,7 +155,8 @@ def test_serve_receives_a_study_from_storescu_processes_it_and_stops_on_sigterm(
         assert sent.returncode == 0, sent.stderr
         output = data / "output" / study_uid
         wait_until(lambda: bool(_entries(data, "delivered")), timeout=240, what="the study to be delivered")
-        assert (data / "processed" / study_uid).is_dir()
+        # The flow moves the study to processed/ right after its deliveries.
+        wait_until(lambda: (data / "processed" / study_uid).is_dir(), timeout=60, what="the study in processed/")
         assert len(list((data / "processed" / study_uid).iterdir())) == 21
         planes = {dcmread(next(series.iterdir())).SeriesDescription for series in output.iterdir()}
         assert planes == {"NETRT axial overlay", "NETRT coronal overlay"}
@@ -242,6 +243,7 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> 
         assert resent.returncode == 0, resent.stderr
         processed = data / "processed" / study_uid
         wait_until(lambda: bool(_entries(data, "delivered")), timeout=300, what="the study to be delivered")
+        wait_until(processed.is_dir, timeout=60, what="the study in processed/")
         assert sorted(p.name for p in processed.iterdir()) == sorted(
             f"{dcmread(p, stop_before_pixels=True).SOPInstanceUID}.dcm" for p in source.iterdir()
         )
@@ -278,6 +280,7 @@ def test_node_killed_during_a_flow_run_processes_the_study_after_restart(tmp_pat
     assert (data / "studies" / study_uid).is_dir()
     with serving(config) as node:
         wait_until(lambda: bool(_entries(data, "delivered")), timeout=300, what="the study to be delivered")
+        wait_until((data / "processed" / study_uid).is_dir, timeout=60, what="the study in processed/")
         first, second = (e["flow_run_id"] for e in _entries(data, "flow_run_created"))
         from prefect.client.orchestration import SyncPrefectClient
 
