@@ -12,13 +12,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import orchestration, process, receive
+from bench import deliver, orchestration, process, receive
 from bench.report import DEFAULT_OUT, Options, write_section
 
 # Figure name -> function measuring it and returning its Markdown section. Issue 9 adds the others.
 FIGURES: dict[str, Callable[[Options], str]] = {
     process.FIGURE: process.run,
     orchestration.FIGURE: orchestration.run,
+    deliver.FIGURE: deliver.run,
     receive.FIGURE: receive.run,
 }
 

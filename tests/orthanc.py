@@ -207,8 +207,15 @@ class Orthanc:
         self.stop()
         raise RuntimeError(f"Orthanc's REST API did not answer within {self.ready_timeout:g} s")
 
+    def _note_unexpected_exit(self) -> None:
+        """Say in Orthanc's log when it was found dead (a crash, not our stop), for failure reports."""
+        if self._process is not None and self._process.poll() is not None:
+            with self.settings.log_file.open("a", encoding="utf-8") as log:
+                log.write(f"[tests.orthanc] Orthanc had exited by itself with code {self._process.returncode}\n")
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait up to ``timeout``, then SIGKILL (SIGKILL at once with ``quick_stop``). Idempotent."""
+        self._note_unexpected_exit()
         if self.quick_stop:
             self.kill()
             return
@@ -224,6 +231,7 @@ class Orthanc:
 
     def kill(self) -> None:
         """SIGKILL at once: a PACS that crashes (no clean association release)."""
+        self._note_unexpected_exit()
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.kill()

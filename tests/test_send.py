@@ -125,6 +125,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _scenario_deliver(params: dict[str, Any]) -> dict[str, Any]:
+    from pynetdicom.dimse_primitives import C_ECHO
     from pynetdicom.presentation import build_context
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -141,6 +142,13 @@ def _scenario_deliver(params: dict[str, Any]) -> dict[str, Any]:
         assoc, _ = _associate(destination, "NETRT", [build_context(Verification)])
         raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
         out["tcp_nodelay"] = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if raw is not None else None
+        # pynetdicom's reactor race (see netrt.send._keep_responses_for_the_sender), forced: the
+        # reactor takes a response; it must reach the queue the sender waits on.
+        response = C_ECHO()
+        response.MessageIDBeingRespondedTo, response.Status = 7, 0x0000
+        assoc._serve_request(response, 1)
+        _, handed_back = assoc.dimse.get_msg(block=False)
+        out["handed_back"] = handed_back is response
         assoc.release()
 
         started = time.perf_counter()
@@ -183,6 +191,7 @@ def delivered(written: dict[str, Any], tmp_path_factory: pytest.TempPathFactory)
 def test_orthanc_starts_quickly_and_the_socket_has_tcp_nodelay(delivered: dict[str, Any]) -> None:
     assert delivered["ready_seconds"] < 0.5, "Orthanc's REST API should answer in under half a second"
     assert delivered["tcp_nodelay"], "TCP_NODELAY is not set on the association's socket"
+    assert delivered["handed_back"], "a response taken by pynetdicom's reactor must go back to the sender"
 
 
 def test_every_written_instance_arrives_byte_equal_to_the_folder_copy(
