@@ -10,14 +10,13 @@ by this served runner or by workers of the ``netrt`` work pool (prefect.yaml).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from flows.local_server import die_with_parent
+from flows.local_server import die_with_parent, stop_process_group
 from netrt.errors import NetrtError
 
 PROCESS_STUDY_DEPLOYMENT = "process-study/process-study"
@@ -77,16 +76,7 @@ def start_flow_server(
 
 def stop_flow_server(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
     """SIGTERM the runner (it lets running flows finish their current step), SIGKILL after ``grace``."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=grace)
-    except ProcessLookupError:
-        pass
+    stop_process_group(process, grace)
 
 
 def trigger_process_study(

@@ -79,6 +79,11 @@ def start_local_server(
 
 def stop_local_server(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
     """SIGTERM the server's process group, then SIGKILL after ``grace`` seconds."""
+    stop_process_group(process, grace)
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM a child started in its own session, and its group; SIGKILL after ``grace`` seconds."""
     if process.poll() is not None:
         return
     try:

@@ -35,7 +35,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import State
 
-from netrt.anonymize import load_or_create_secret, map_uid, public_study_uid, scrub_text
+from netrt.anonymize import load_or_create_secret, map_uid, public_study_uid, scrub_text, study_identifier_sets
 from netrt.config import (
     AnonymizationConfig,
     DicomDestination,
@@ -59,7 +59,6 @@ from netrt.pipeline import (
     preview_step,
     settings_key,
     study_fingerprint,
-    study_identifiers,
     write_plane,
 )
 from netrt.quarantine import begin_retry, entry_id_for, is_entry_id, quarantine_study, read_entry, release
@@ -214,11 +213,11 @@ class _Run:
         anonymization = self.config.anonymization
         if not anonymization.enabled:
             return text
-        found = study_identifiers(files)
+        identifiers, uids = study_identifier_sets(files, anonymization)
         if anonymization.mode == "full":
-            for uid in found.uids:
+            for uid in sorted(uids, key=len, reverse=True):  # longest first: a UID may prefix another
                 text = text.replace(uid, map_uid(uid, self.secret))
-        return scrub_text(text, found.patient)
+        return scrub_text(text, identifiers)
 
 
 def _locate(layout: DataLayout, source: Path) -> Path | None:

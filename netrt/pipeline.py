@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 import SimpleITK as sitk
 
 from netrt import __version__
@@ -273,54 +271,3 @@ def preview_step(study: LoadedStudy, masks: MaskStepResult, path: Path) -> Previ
     """Render the three-plane PNG preview of the study's mask on its image grid."""
     volume = read_image_volume(study.images)
     return render_preview(volume, load_mask(masks.mask_path), study.images.geometry.spacing, path)
-
-
-# Attributes whose values must never reach a log, run name or error message when anonymization is on.
-_IDENTIFYING_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "OtherPatientIDs",
-    "OtherPatientNames",
-    "PatientMotherBirthName",
-    "AccessionNumber",
-)
-_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
-
-
-@dataclass(frozen=True)
-class StudyIdentifiers:
-    """Identifying values found in a study's files, to scrub from messages (never logged themselves)."""
-
-    patient: tuple[str, ...]
-    uids: tuple[str, ...]
-
-
-def study_identifiers(files: Sequence[Path]) -> StudyIdentifiers:
-    """Patient identifiers and instance UIDs of ``files``, read from headers (pixels skipped).
-
-    Best effort by design: it runs when a study has failed, possibly because its files are
-    broken, so unreadable files are passed over. Values shorter than 3 characters are left out,
-    since scrubbing them would mangle ordinary words.
-    """
-    patient: set[str] = set()
-    uids: set[str] = set()
-    for path in files:
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        except Exception:  # see docstring: a broken file must not stop the scrubbing
-            continue
-        for keyword in _IDENTIFYING_KEYWORDS:
-            value = header.get(keyword)
-            values = value if isinstance(value, pydicom.multival.MultiValue) else [value]
-            for item in values:
-                text = str(item or "").strip()
-                if len(text) >= 3:
-                    patient.add(text)
-                    patient.update(part for part in text.split("^") if len(part) >= 3)
-        for keyword in _UID_KEYWORDS:
-            uid = str(header.get(keyword) or "").strip()
-            if uid:
-                uids.add(uid)
-    # Longest first, so a value is replaced before any shorter value it contains.
-    return StudyIdentifiers(tuple(sorted(patient, key=len, reverse=True)), tuple(sorted(uids, key=len, reverse=True)))

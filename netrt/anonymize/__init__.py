@@ -80,6 +80,7 @@ __all__ = [
     "map_uid",
     "public_study_uid",
     "scrub_text",
+    "study_identifier_sets",
     "study_identifiers",
 ]
 
@@ -162,12 +163,13 @@ def _read(path: Path, *, header_only: bool) -> Dataset:
         raise DicomInputError(f"cannot read for anonymization: {exc}", path=path) from exc
 
 
-def study_identifiers(files: Sequence[Path], config: AnonymizationConfig) -> frozenset[str]:
-    """The identifying strings of a study, for :func:`scrub_text` on its log lines and error messages.
+def study_identifier_sets(files: Sequence[Path], config: AnonymizationConfig) -> tuple[frozenset[str], frozenset[str]]:
+    """The identifying strings of a study and, apart, the UIDs the profile maps.
 
-    Every person name (whole and in parts), every text or date value the configured profile removes
-    (IDs, accession number, birth date in its usual spellings, addresses, ...), and every UID full mode
-    maps. Reads headers only. Unreadable files are skipped: this runs on studies that failed.
+    Identifying strings: every person name (whole and in parts), and every text or date value the
+    configured profile removes (IDs, accession number, birth date in its usual spellings, addresses,
+    ...). Kept apart, so a caller can map the UIDs (:func:`map_uid`) instead of blanking them. Reads
+    headers only. Unreadable files are skipped: this runs on studies that failed.
     """
     table = profile_table()
     identifiers: set[str] = set()
@@ -179,7 +181,14 @@ def study_identifiers(files: Sequence[Path], config: AnonymizationConfig) -> fro
             identifiers.update(str(ds.get(k)) for k in ("PatientID", "OtherPatientIDs", "AccessionNumber") if ds.get(k))
         except Exception:  # a failed study may hold anything; scrubbing its messages must not fail on it
             continue
-    return frozenset(identifiers | uids)
+    return frozenset(identifiers), frozenset(uids)
+
+
+def study_identifiers(files: Sequence[Path], config: AnonymizationConfig) -> frozenset[str]:
+    """The identifying strings of a study, for :func:`scrub_text` on its log lines and error messages:
+    those of :func:`study_identifier_sets` and every UID full mode maps."""
+    identifiers, uids = study_identifier_sets(files, config)
+    return identifiers | uids
 
 
 # --------------------------------------------------------------------------------------------------
