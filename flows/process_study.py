@@ -220,6 +220,13 @@ class _Run:
         return scrub_text(text, identifiers)
 
 
+def _quarantine_pointer(anonymization: AnonymizationConfig, entry_id: str) -> str:
+    """Where the failed study is; in full mode without its id, which is the received StudyInstanceUID."""
+    if anonymization.enabled and anonymization.mode == "full":
+        return "quarantined; `netrt quarantine list` shows it by this study UID"
+    return f"quarantined: {entry_id}"
+
+
 def _locate(layout: DataLayout, source: Path) -> Path | None:
     """Where a received study is now, or None when this run has nothing to do.
 
@@ -282,6 +289,8 @@ def process_study(
     transactions = TransactionLog(layout.transaction_log)
     run_id = str(flow_run.id) if flow_run.id else None
     label = study_instance_uid if study_instance_uid and is_valid_uid(study_instance_uid) else None
+    if label is None and Path(study_dir).resolve().parent == layout.studies and is_valid_uid(Path(study_dir).name):
+        label = Path(study_dir).name  # a received study's folder is named by its StudyInstanceUID
     report = StudyReport(study="unknown", flow_run_id=run_id)
     run = _Run(config, layout, secret, report)
     report.anonymization = f"{anonymization.mode} mode" if anonymization.enabled else "off"
@@ -324,7 +333,7 @@ def process_study(
         )
         _publish(run, None)
         raise StudyFailedError(
-            f"study {report.study} failed at {run.stage}: {message} (quarantined: {entry.id})",
+            f"study {report.study} failed at {run.stage}: {message} ({_quarantine_pointer(anonymization, entry.id)})",
             run.stage,
             entry.id,
             retryable,

@@ -69,7 +69,8 @@ class QuarantineEntry:
         if len(error) > 160:
             error = error[:157] + "..."
         heal = "retryable" if self.retryable else "needs a fix"
-        return f"{self.id}  stage={self.stage}  attempts={self.attempts}  {self.status}, {heal}  {error}"
+        shown = f"  study={self.study}" if self.study and self.study != self.id else ""
+        return f"{self.id}{shown}  stage={self.stage}  attempts={self.attempts}  {self.status}, {heal}  {error}"
 
 
 def entry_id_for(layout: DataLayout, study_dir: Path, study_instance_uid: str | None) -> str:
@@ -174,7 +175,6 @@ def quarantine_study(
     if details:
         attempt["details"] = details
     reason = {
-        "id": folder.name,
         "study": study if study is not None else previous.get("study"),
         "stage": stage,
         "error": error,

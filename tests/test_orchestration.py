@@ -276,3 +276,35 @@ def test_a_run_for_a_study_reopened_by_the_listener_leaves_it_alone(prefect_harn
     with pytest.raises(StudyFailedError, match="in none of studies/, processed/ or quarantine/"):
         process_study(study_dir=str(layout.studies / "1.2.3.999"), config_file=str(config))
     assert not list(layout.quarantine.iterdir())
+
+
+def test_full_mode_failure_messages_carry_no_identity_and_map_uids(prefect_harness: None, tmp_path: Path) -> None:
+    """A study that fails validation with full anonymization on: the flow's error, reason.json and the
+    transaction log name it by its mapped UID, never by its received UIDs or patient identity."""
+    from flows.process_study import process_study
+    from netrt.anonymize import load_or_create_secret, map_uid
+    from netrt.config import load_config
+    from netrt.errors import StudyFailedError
+
+    layout = DataLayout.from_data_dir(tmp_path / "data").create()
+    spec = PhantomSpec(**{**SPEC.__dict__, "seed": 5, "patient_name": "SECRETNAME^GIVEN", "patient_id": "PID-778899"})
+    manifest = write_phantom(spec, tmp_path / "phantom")
+    study_dir = layout.studies / manifest.study_instance_uid
+    shutil.copytree(tmp_path / "phantom" / "dicom", study_dir)
+    (study_dir / "RS.dcm").unlink()
+    config = _config(tmp_path, layout.root, free_port(), extra="anonymization: {enabled: true, mode: full}\n")
+
+    with pytest.raises(StudyFailedError) as failure:
+        process_study(study_dir=str(study_dir), config_file=str(config))
+    secret = load_or_create_secret(load_config(config).anonymization, layout.root)
+    mapped = map_uid(manifest.study_instance_uid, secret)
+    reason = (layout.quarantine / manifest.study_instance_uid / "reason.json").read_text()
+    log = layout.transaction_log.read_text()
+    from netrt.quarantine import list_entries
+
+    (entry,) = list_entries(layout)
+    assert f"study={mapped}" in entry.summary_line(), "`netrt quarantine list` must show the study UID the error names"
+    for text in (str(failure.value), reason, log):
+        assert mapped in text, "the study must still be named, by its mapped UID"
+        for needle in (manifest.study_instance_uid, "SECRETNAME", "PID-778899"):
+            assert needle not in text, f"{needle!r} leaked into {text[:300]}"
