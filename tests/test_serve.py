@@ -160,20 +160,54 @@ def test_serve_receives_a_study_from_storescu_processes_it_and_stops_on_sigterm(
         assert len(list((data / "processed" / study_uid).iterdir())) == 21
         planes = {dcmread(next(series.iterdir())).SeriesDescription for series in output.iterdir()}
         assert planes == {"NETRT axial overlay", "NETRT coronal overlay"}
+        demo_study = _check_demo(config, data, prefect_port)
         assert node.terminate() == 0, node.output
     assert not is_healthy(api, timeout=1.0), "the Prefect server outlived netrt serve"
     assert (data / "logs" / "netrt.log").exists()
     # The transaction log names the source address and the study, from association to flow run.
     opened = _entries(data, "association_opened")
-    assert {(e["source_ip"], e["source_ae"]) for e in opened} == {(LOCALHOST, "ECHOSCU"), (LOCALHOST, "STORESCU")}
+    assert {(e["source_ip"], e["source_ae"]) for e in opened} == {
+        (LOCALHOST, "ECHOSCU"),
+        (LOCALHOST, "STORESCU"),
+        (LOCALHOST, "NETRT_DEMO"),  # netrt demo: its C-ECHO and its C-STORE association
+    }
     received = _entries(data, "instances_received")
     assert [(e["study_instance_uid"], e["source_ip"], e["counts"]) for e in received] == [
-        (study_uid, LOCALHOST, {"instances": 21})
+        (study_uid, LOCALHOST, {"instances": 21}),
+        (demo_study, LOCALHOST, {"instances": DEMO_SLICES + 1}),
     ]
     created = _entries(data, "flow_run_created")
-    assert [e["study_instance_uid"] for e in created] == [study_uid]
-    assert _entries(data, "delivered")[0]["flow_run_id"] == created[0]["flow_run_id"]
+    assert [e["study_instance_uid"] for e in created] == [study_uid, demo_study]
+    delivered = _entries(data, "delivered")
+    assert [e["flow_run_id"] for e in delivered] == [e["flow_run_id"] for e in created]
     assert _entries(data, "listener_stopped")
+
+
+DEMO_SLICES = 12
+
+
+def _check_demo(config: Path, data: Path, prefect_port: int) -> str:
+    """`netrt demo` against the running node: it sends a phantom, waits for the run and prints where
+    the output and the preview are; both exist. Returns the demo study's UID."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    demo = subprocess.run(
+        [sys.executable, "-m", "netrt", "demo", "--config", str(config), "--size", "32", "--slices", str(DEMO_SLICES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "flow run " in demo.stdout and f"http://127.0.0.1:{prefect_port}/runs/flow-run/" in demo.stdout
+    output_line = re.search(r"output \(output\): (\S+)", demo.stdout)
+    preview_line = re.search(r"preview: (\S+)", demo.stdout)
+    assert output_line and preview_line, demo.stdout
+    output = Path(output_line.group(1))
+    assert output.parent == data / "output"
+    assert sum(1 for _ in output.rglob("*.dcm")) > DEMO_SLICES, f"too few files in {output}"
+    preview = Path(preview_line.group(1))
+    assert preview.is_file() and preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", preview
+    return output.name
 
 
 def _acknowledged(storescu_output: str) -> list[Path]:
