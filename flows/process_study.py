@@ -23,6 +23,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,17 +46,19 @@ from netrt.config import (
     load_config,
 )
 from netrt.deliver import DeliveryOutcome, deliver_to_folder
-from netrt.errors import DeliveryError, StudyFailedError
+from netrt.errors import DeliveryError, NetrtError, StudyFailedError
 from netrt.fileio import move_folder
 from netrt.layout import DataLayout
 from netrt.logs import TransactionLog
 from netrt.pipeline import (
     AnonymizeStepResult,
     MaskStepResult,
+    PassThroughResult,
     WrittenSeries,
     anonymize_step,
     compute_mask,
     content_key,
+    pass_through_step,
     preview_step,
     settings_key,
     study_fingerprint,
@@ -63,7 +66,14 @@ from netrt.pipeline import (
 )
 from netrt.quarantine import begin_retry, entry_id_for, is_entry_id, quarantine_study, read_entry, release
 from netrt.report import StageTiming, StudyReport, render_markdown
-from netrt.study import LoadedStudy, find_study, load_study
+from netrt.study import (
+    ImagesOnlyStudy,
+    LoadedStudy,
+    NoStructureSetError,
+    find_images_only,
+    find_study,
+    load_found_study,
+)
 from netrt.uids import is_valid_uid
 
 R = TypeVar("R")
@@ -86,38 +96,99 @@ def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | Non
     return None if key is None else str(key)
 
 
+# --- scrubbing task errors --------------------------------------------------------------------
+
+# Set by the flow for its run: scrubs a text of the study's patient data (identity when anonymization
+# is off). Tasks run in copies of the flow's context, so each task of this run sees it.
+_SCRUBBER: ContextVar[Callable[[str], str] | None] = ContextVar("netrt_scrubber", default=None)
+
+
+class ScrubbedError(NetrtError):
+    """An error that is not NETRT's own, its text scrubbed; ``retryable`` as for the original."""
+
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@contextmanager
+def _scrubbed_errors() -> Iterator[None]:
+    """An error leaves a task with its message already scrubbed.
+
+    Prefect logs a failed task ("Task run failed with exception: ...", with traceback) to the
+    terminal and its database with the exception's text, before the flow could scrub it; in full
+    mode that text may hold received UIDs (the study folder and file names are the received UIDs).
+    NETRT's own errors keep their type (retry decisions read it); others become
+    :class:`ScrubbedError`. The original is not chained (its text would be logged with it).
+    """
+    try:
+        yield
+    except Exception as exc:
+        scrub = _SCRUBBER.get()
+        if scrub is None:
+            raise
+        try:
+            text = scrub(str(exc) or type(exc).__name__)
+        except Exception:
+            text = f"{type(exc).__name__} (its message is withheld: it could not be scrubbed of patient data)"
+        if isinstance(exc, NetrtError):
+            exc.args = (text,)
+            raise exc from None
+        raise ScrubbedError(f"{type(exc).__name__}: {text}", retryable=isinstance(exc, OSError)) from None
+
+
 # --- tasks: each a few lines over netrt -------------------------------------------------------
 
 
 @task(name="validate", persist_result=False)  # holds the received (identifiable) headers: never stored
 def validate(study_dir: str, study_instance_uid: str | None) -> tuple[LoadedStudy, str]:
-    study = load_study(find_study(Path(study_dir), study_instance_uid).files)
-    return study, study_fingerprint(study)
+    with _scrubbed_errors():
+        study = load_found_study(Path(study_dir), study_instance_uid)
+        return study, study_fingerprint(study)
+
+
+@task(name="validate-images-only", persist_result=False)  # received headers: never stored
+def validate_images_only(study_dir: str, study_instance_uid: str | None) -> ImagesOnlyStudy:
+    with _scrubbed_errors():
+        return find_images_only(Path(study_dir), study_instance_uid)
+
+
+@task(name="pass-through", persist_result=False)
+def pass_through(
+    study: ImagesOnlyStudy, anonymization: AnonymizationConfig, data_dir: str, out_dir: str
+) -> PassThroughResult:
+    with _scrubbed_errors():
+        secret = load_or_create_secret(anonymization, Path(data_dir)) if anonymization.enabled else b""
+        return pass_through_step(study, anonymization, secret, Path(out_dir))
 
 
 @task(name="anonymize", cache_key_fn=_cache_key, persist_result=True)
 def anonymize(
     study: LoadedStudy, anonymization: AnonymizationConfig, data_dir: str, out_dir: str, cache_key: str | None
 ) -> AnonymizeStepResult:
-    secret = load_or_create_secret(anonymization, Path(data_dir)) if anonymization.enabled else b""
-    return anonymize_step(study, anonymization, secret, Path(out_dir))
+    with _scrubbed_errors():
+        secret = load_or_create_secret(anonymization, Path(data_dir)) if anonymization.enabled else b""
+        return anonymize_step(study, anonymization, secret, Path(out_dir))
 
 
 @task(name="extract-masks", cache_key_fn=_cache_key, persist_result=True)
 def extract_masks(study: LoadedStudy, processing: ProcessingConfig, work_dir: str, cache_key: str) -> MaskStepResult:
-    return compute_mask(study, processing, Path(work_dir))
+    with _scrubbed_errors():
+        return compute_mask(study, processing, Path(work_dir))
 
 
 @task(name="write-plane", task_run_name="write-{plane}", cache_key_fn=_cache_key, persist_result=True)
 def write_plane_series(
     study: LoadedStudy, masks: MaskStepResult, plane: str, processing: ProcessingConfig, work_dir: str, cache_key: str
 ) -> list[WrittenSeries]:
-    return write_plane(study, masks, plane, processing, Path(work_dir))
+    with _scrubbed_errors():
+        return write_plane(study, masks, plane, processing, Path(work_dir))
 
 
 @task(name="preview", cache_key_fn=_cache_key, persist_result=True)
 def preview(study: LoadedStudy, masks: MaskStepResult, path: str, cache_key: str) -> str:
-    return str(preview_step(study, masks, Path(path)).path)
+    with _scrubbed_errors():
+        return str(preview_step(study, masks, Path(path)).path)
 
 
 def _retry_if_waiting_may_heal(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -143,11 +214,12 @@ def deliver(
     calling_ae_title: str,
     progress_file: str,
 ) -> DeliveryOutcome:
-    if isinstance(destination, FolderDestination):
-        return deliver_to_folder(destination.name, destination.path, files)
-    from netrt.send import send_to_dicom
+    with _scrubbed_errors():
+        if isinstance(destination, FolderDestination):
+            return deliver_to_folder(destination.name, destination.path, files)
+        from netrt.send import send_to_dicom
 
-    return send_to_dicom(destination, files, calling_ae_title=calling_ae_title, progress_file=Path(progress_file))
+        return send_to_dicom(destination, files, calling_ae_title=calling_ae_title, progress_file=Path(progress_file))
 
 
 # --- the flow ---------------------------------------------------------------------------------
@@ -266,7 +338,7 @@ def _files_of(source: Path, study_instance_uid: str | None) -> list[Path]:
 def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, DeliveryError):
         return exc.retryable
-    if isinstance(exc, StudyFailedError):
+    if isinstance(exc, StudyFailedError | ScrubbedError):
         return exc.retryable
     return isinstance(exc, OSError)
 
@@ -303,6 +375,7 @@ def process_study(
         get_run_logger().info("the study was re-opened by new instances; its next sealing gets a new run")
         return {"study_instance_uid": report.study, "skipped": "re-opened", "flow_run_id": run_id}
     source = located
+    _SCRUBBER.set(lambda text: run.scrub(text, _files_of(source, study_instance_uid)))
     try:
         summary = _process(run, source, study_instance_uid, transactions)
     except Exception as exc:
@@ -345,7 +418,16 @@ def process_study(
 def _process(run: _Run, source: Path, study_instance_uid: str | None, transactions: TransactionLog) -> dict[str, Any]:
     config, layout, report = run.config, run.layout, run.report
     with run.timed("validate"):
-        original, fingerprint = validate.with_options(retries=config.retries.validate_)(str(source), study_instance_uid)
+        try:
+            original, fingerprint = validate.with_options(retries=config.retries.validate_)(
+                str(source), study_instance_uid
+            )
+        except NoStructureSetError:
+            if config.processing.images_without_rtstruct != "pass_through":
+                raise
+            original = None
+    if original is None:
+        return _pass_through(run, source, study_instance_uid, transactions)
     report.study = run.public(original.study_instance_uid)
     _add_run_tags(report.flow_run_id, f"modality:{original.images.modality}")
     work = layout.study_dir(layout.work, report.study)
@@ -369,7 +451,8 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
             cache_key=anon_key if anonymization.enabled else None,
         )
     study = anonymized.study if anonymization.enabled else original
-    report.warnings += list(study.warnings)
+    # What was received (files set aside or unreadable), not what the anonymized copies show.
+    report.warnings += _scrubbed(run, original.warnings, [*original.images.files, original.rtstruct_file])
 
     mask_key = content_key("mask", anon_key, settings_key(config.processing))
     keyed_work = work / mask_key[:12]
@@ -441,6 +524,55 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
         "destinations": report.destinations,
         "stages": report.as_dict()["stages"],
         "preview": report.preview_path,
+        "flow_run_id": report.flow_run_id,
+    }
+
+
+def _scrubbed(run: _Run, warnings: tuple[str, ...], files: list[Path]) -> list[str]:
+    """Warnings about the received files, scrubbed of patient data when anonymization is on."""
+    if not warnings or not run.config.anonymization.enabled:
+        return list(warnings)
+    return [run.scrub(warning, files) for warning in warnings]
+
+
+def _pass_through(
+    run: _Run, source: Path, study_instance_uid: str | None, transactions: TransactionLog
+) -> dict[str, Any]:
+    """A study without an RTSTRUCT, with ``images_without_rtstruct: pass_through``: deliver its images as
+    they are (anonymized as configured), no overlay; the summary says so."""
+    config, layout, report = run.config, run.layout, run.report
+    with run.timed("validate"):
+        images = validate_images_only.with_options(retries=config.retries.validate_)(str(source), study_instance_uid)
+    report.study = run.public(images.study_instance_uid)
+    work = layout.study_dir(layout.work, report.study) / "pass-through"
+    anonymization = config.anonymization
+    with run.timed("anonymize"):
+        passed = pass_through.with_options(retries=config.retries.anonymize)(
+            images,
+            anonymization,
+            str(layout.root),
+            str(work / content_key(images.files, anonymization.model_dump(mode="json"))[:12]),
+        )
+    report.warnings += _scrubbed(run, passed.warnings, list(images.files))
+    transactions.record(
+        "processed",
+        study_instance_uid=report.study,
+        flow_run_id=report.flow_run_id,
+        counts={"pass-through": len(passed.files)},
+    )
+    with run.timed("deliver"):
+        _deliver_all(run, list(passed.files), work, transactions)
+    return {
+        "study_instance_uid": report.study,
+        "rois_kept": [],
+        "rois_ignored": [],
+        "mask_voxels": 0,
+        "passed_through": len(passed.files),
+        "warnings": report.warnings,
+        "series": report.series,
+        "destinations": report.destinations,
+        "stages": report.as_dict()["stages"],
+        "preview": None,
         "flow_run_id": report.flow_run_id,
     }
 

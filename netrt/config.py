@@ -95,6 +95,12 @@ class ListenerConfig(_Section):
         ge=0,
         description="Maximum PDU size offered to peers in bytes; 0 means unlimited (fastest).",
     )
+    max_dataset_bytes: int = Field(
+        default=1 << 30,
+        ge=1024,
+        description="Largest data set one C-STORE may carry; a larger one is answered 0xA700 and not kept. "
+        "PDUs longer than max_pdu_size (or, when that is 0, this) plus 1 MiB close the connection unread.",
+    )
     tls: TlsConfig = Field(default_factory=TlsConfig, description="Optional TLS for incoming associations.")
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
@@ -232,6 +238,11 @@ class ProcessingConfig(_Section):
         le=2**31 - 100,
         description="SeriesNumber of written series: base + 1 axial, + 2 coronal, + 3 sagittal; burn-in series + 10.",
     )
+    images_without_rtstruct: Literal["quarantine", "pass_through"] = Field(
+        default="quarantine",
+        description="A study with images but no RTSTRUCT: `quarantine` it (reason: no RTSTRUCT), or `pass_through` "
+        "its images unchanged (anonymized as configured, no overlay) to the destinations, with a warning.",
+    )
 
     @field_validator("planes")
     @classmethod
@@ -320,6 +331,15 @@ class PrefectConfig(_Section):
     )
     server_port: int = Field(
         default=4200, ge=1, le=65535, description="Port of the local Prefect server and its UI (127.0.0.1)."
+    )
+    process_study_concurrency: int = Field(
+        default=4,
+        ge=1,
+        description="Most process-study flow runs at once across all workers (the deployment's concurrency "
+        "limit; prefect.yaml reads it).",
+    )
+    worker_limit: int | None = Field(
+        default=None, ge=1, description="Most flow runs one `netrt worker` runs at once; null: no limit."
     )
 
 

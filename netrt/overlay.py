@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from pydicom import dcmread
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
@@ -198,8 +199,40 @@ def _derivation(plane: str, source_series_uid: str, settings: SeriesSettings, bu
     )[:1024]
 
 
+def _spellable(text: str, encodings: list[str]) -> bool:
+    for encoding in encodings:
+        try:
+            text.encode(encoding)
+        except (UnicodeError, LookupError):
+            continue
+        return True
+    return False
+
+
+def _use_utf8_if_needed(ds: Dataset, texts: Iterable[str]) -> None:
+    """Re-declare the copy UTF-8 (ISO_IR 192) when the texts NETRT adds cannot be spelled in its
+    character set.
+
+    The overlay label (the ROI names) and descriptions go into copies of the received images, in
+    their SpecificCharacterSet; a ROI name in Greek or Japanese on a Latin-1 series would otherwise
+    come out as ``?``. Every text already in the copy is decoded in the original character set first
+    (``Dataset.decode``), so re-encoding it in UTF-8 changes no value.
+    """
+    try:
+        encodings = convert_encodings(ds.get("SpecificCharacterSet", ""))
+    except LookupError:
+        encodings = ["iso8859"]
+    if all(_spellable(text, encodings) for text in texts):
+        return
+    ds.decode()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+
+
 def _add_overlay_module(ds: Dataset, rows: int, columns: int, label: str) -> None:
     """Overlay Plane module in group 6000; OverlayData is filled per slice by :func:`_set_overlay`."""
+    _use_utf8_if_needed(
+        ds, (_lo(label), str(ds.get("SeriesDescription", "")), str(ds.get("DerivationDescription", "")))
+    )
     ds.add_new(TAG_OVERLAY_ROWS, "US", rows)
     ds.add_new(TAG_OVERLAY_COLUMNS, "US", columns)
     ds.add_new(TAG_OVERLAY_DESCRIPTION, "LO", _lo(label))

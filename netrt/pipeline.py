@@ -31,7 +31,7 @@ from netrt.masks import MergedMask, RoiReport, build_merged_mask, ignored_names,
 from netrt.overlay import SeriesSettings, output_series_uid, write_axial_series, write_reformatted_series
 from netrt.preview import Preview, render_preview
 from netrt.reformat import reformat
-from netrt.study import ImageSeries, LoadedStudy, load_study, read_image_volume
+from netrt.study import ImageSeries, ImagesOnlyStudy, LoadedStudy, load_study, read_image_volume
 
 # SimpleITK's SWIG functions carry no annotations; an Any handle keeps mypy --strict quiet without
 # scattering ignores (the same device as in netrt.geometry and netrt.reformat).
@@ -76,7 +76,8 @@ def settings_key(processing: ProcessingConfig) -> str:
     It feeds the output UIDs (same study + same settings -> same UIDs, so a re-send overwrites)
     and the cache keys of the flow's deterministic tasks.
     """
-    payload = json.dumps({"processing": processing.model_dump(mode="json"), "netrt": __version__}, sort_keys=True)
+    shaping = processing.model_dump(mode="json", exclude={"images_without_rtstruct"})  # no effect on written series
+    payload = json.dumps({"processing": shaping, "netrt": __version__}, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
@@ -271,3 +272,33 @@ def preview_step(study: LoadedStudy, masks: MaskStepResult, path: Path) -> Previ
     """Render the three-plane PNG preview of the study's mask on its image grid."""
     volume = read_image_volume(study.images)
     return render_preview(volume, load_mask(masks.mask_path), study.images.geometry.spacing, path)
+
+
+# --- studies without an RTSTRUCT (processing.images_without_rtstruct: pass_through) ----------
+
+
+@dataclass(frozen=True)
+class PassThroughResult:
+    """The files to deliver unchanged (anonymized when configured) and the run-summary warning."""
+
+    files: tuple[Path, ...]
+    study_instance_uid: str  # as delivered: mapped in full mode
+    warnings: tuple[str, ...]
+
+
+def pass_through_step(
+    study: ImagesOnlyStudy, anonymization: AnonymizationConfig, secret: bytes, out_dir: Path
+) -> PassThroughResult:
+    """Anonymize an images-only study's files as configured into ``out_dir``; no overlay is made.
+
+    With anonymization off, the received files themselves are delivered. The warning names the
+    series (by UID, mapped in full mode by the flow's scrubbing) and says why there is no overlay.
+    """
+    anonymized = anonymize_study(list(study.files), out_dir, anonymization, secret)
+    files = anonymized.files if anonymization.enabled else study.files
+    warning = (
+        f"no RTSTRUCT in the study: {len(files)} image(s) of {len(study.series)} series "
+        f"({'; '.join(study.series)}) passed through without an overlay "
+        "(processing.images_without_rtstruct: pass_through)"
+    )
+    return PassThroughResult(tuple(files), anonymized.study_instance_uid, (*study.warnings, warning))

@@ -36,7 +36,7 @@ import os
 from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,30 @@ TAG_REFERENCED_FRAME = _tag("ReferencedFrameOfReferenceSequence", "FrameOfRefere
 # --------------------------------------------------------------------------------------------
 # Public data classes
 # --------------------------------------------------------------------------------------------
+
+
+class NoStructureSetError(StudyValidationError):
+    """The study holds images but no RTSTRUCT (raised by :func:`load_found_study`).
+
+    A case of its own because it need not be a failure: ``processing.images_without_rtstruct``
+    says whether such a study is quarantined (the default) or its images are passed on without
+    an overlay (:func:`load_images_only`). :func:`load_study` raises a plain
+    :class:`StudyValidationError` for it.
+    """
+
+
+@dataclass(frozen=True)
+class ImagesOnlyStudy:
+    """A study without an RTSTRUCT whose files are all readable, complete DICOM instances.
+
+    ``files`` are every instance of the study (one per SOPInstanceUID, the first by path);
+    ``warnings`` are run-summary sentences (files set aside), free of patient data.
+    """
+
+    study_instance_uid: str
+    files: tuple[Path, ...]
+    series: tuple[str, ...]  # "<SeriesInstanceUID> (<modality>, <n> files)"
+    warnings: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -328,9 +352,22 @@ def _check_complete(ds: Dataset, path: Path) -> None:
             "no data set could be read after the file meta header: the file is truncated or corrupt", path=path
         )
     size = path.stat().st_size
+    meta = getattr(ds, "file_meta", None)
+    syntax = UID(_text(meta, "TransferSyntaxUID")) if meta is not None else UID("")
     for tag in list(ds.keys()):
         elem = ds.get_item(tag, keep_deferred=True)
-        if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH:
+        if not isinstance(elem, RawDataElement):
+            continue
+        if syntax.is_transfer_syntax and not syntax.is_deflated and elem.is_implicit_VR != syntax.is_implicit_VR:
+            # pydicom silently switches to the encoding it finds; the values then carry no or wrong VRs
+            found = "implicit" if elem.is_implicit_VR else "explicit"
+            raise DicomInputError(
+                f"wrong transfer syntax: the file meta says {_uid_name(syntax)}, but the data set is encoded with "
+                f"{found} VR (the sender labelled it wrongly)",
+                path=path,
+                tag=_tag("TransferSyntaxUID"),
+            )
+        if elem.length == _UNDEFINED_LENGTH:
             continue
         end = int(elem.value_tell) + int(elem.length)
         if end > size:
@@ -778,6 +815,24 @@ def _check_pixel_data(ds: Dataset, path: Path, rows: int, columns: int) -> None:
     syntax = UID(_text(ds.file_meta, "TransferSyntaxUID"))
     if not syntax:
         raise DicomInputError("file meta has no transfer syntax", path=path, tag=_tag("TransferSyntaxUID"))
+    if not syntax.is_transfer_syntax:
+        raise DicomInputError(
+            f"unknown transfer syntax {syntax}: not a DICOM transfer syntax NETRT (pydicom) can read",
+            path=path,
+            tag=_tag("TransferSyntaxUID"),
+        )
+    elem = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+    if isinstance(elem, RawDataElement):
+        encapsulated = elem.length == _UNDEFINED_LENGTH
+    else:  # already converted: it remembers how it was read
+        encapsulated = bool(getattr(elem, "is_undefined_length", False))
+    if encapsulated != syntax.is_encapsulated:
+        raise StudyValidationError(
+            f"wrong transfer syntax: {_uid_name(syntax)} {'requires' if syntax.is_encapsulated else 'forbids'} "
+            f"encapsulated pixel data, but the pixel data is {'encapsulated' if encapsulated else 'native'}",
+            path=path,
+            tag=_tag("TransferSyntaxUID"),
+        )
     if syntax.is_compressed:
         try:
             decoder = get_decoder(syntax)
@@ -795,7 +850,6 @@ def _check_pixel_data(ds: Dataset, path: Path, rows: int, columns: int) -> None:
             )
         return
     bits = int(_numbers(ds, "BitsAllocated", 1, path)[0])
-    elem = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
     length = elem.length if isinstance(elem, RawDataElement) else len(ds.PixelData)
     needed = rows * columns * (bits // 8)
     if bits >= 8 and length < needed:
@@ -1115,13 +1169,62 @@ def _group(instances: list[_Instance]) -> tuple[str, dict[str, list[_Instance]]]
     return instances[0].study_instance_uid, dict(series)
 
 
+#: Attributes two copies of one image instance must agree on (besides the decoded pixel values).
+_SAME_IMAGE_KEYWORDS = (
+    "SOPClassUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "RescaleSlope",
+    "RescaleIntercept",
+)
+
+
+def _image_difference(first: Path, second: Path) -> str:
+    """ "" when two files holding one SOPInstanceUID hold the same image, else the attributes that differ.
+
+    Byte-identical files are the same image. Otherwise (the same image may come back in another
+    transfer syntax or with other header details) the geometry attributes and the decoded pixel
+    values in modality units must be equal.
+
+    Raises:
+        DicomInputError: either file cannot be read or its pixel data cannot be decoded (named).
+    """
+    if first.stat().st_size == second.stat().st_size and first.read_bytes() == second.read_bytes():
+        return ""
+    datasets = []
+    for path in (first, second):
+        ds = _read_dataset(path, defer_large_values=False)
+        datasets.append(ds)
+    a, b = datasets
+    differing = [keyword for keyword in _SAME_IMAGE_KEYWORDS if a.get(keyword) != b.get(keyword)]
+    if not differing:
+        pixels = []
+        for path, ds in ((first, a), (second, b)):
+            try:
+                pixels.append(apply_modality_lut(ds.pixel_array, ds))
+            except Exception as exc:  # decoder errors come in many types
+                raise DicomInputError(
+                    f"pixel data cannot be read or decoded: {type(exc).__name__}: {exc}", path=path, tag=TAG_PIXEL_DATA
+                ) from exc
+        if pixels[0].shape != pixels[1].shape or not np.array_equal(pixels[0], pixels[1]):
+            differing.append("PixelData")
+    return ", ".join(differing)
+
+
 def _image_members(instances: list[_Instance]) -> tuple[list[_Instance], list[str]]:
     """The instances of the image series that are slices of the volume, and warnings for the rest.
 
     Set aside (kept in ``other_files``, reported): a second file with the SOPInstanceUID of one
-    already taken (the same image received twice; the first by path is used), localizer images
-    (a scout in the axial series is not a slice of the stack), and RTSTRUCTs mistakenly given
-    the image series' SeriesInstanceUID.
+    already taken when it holds the same image (the same image received twice; the first by path
+    is used), localizer images (a scout in the axial series is not a slice of the stack), and
+    RTSTRUCTs mistakenly given the image series' SeriesInstanceUID.
+
+    Raises:
+        StudyValidationError: two files carry one SOPInstanceUID but hold different images (see
+            :func:`_image_difference`): which one the contours were drawn on cannot be known.
     """
     seen: dict[str, _Instance] = {}
     copies: list[str] = []
@@ -1132,6 +1235,16 @@ def _image_members(instances: list[_Instance]) -> tuple[list[_Instance], list[st
         if inst.is_localizer:
             localizers.append(inst.path.name)
         elif inst.sop_instance_uid in seen:
+            first = seen[inst.sop_instance_uid].path
+            differences = _image_difference(first, inst.path)
+            if differences:
+                raise StudyValidationError(
+                    f"{first.name} and {inst.path.name} both carry SOPInstanceUID {inst.sop_instance_uid} but hold "
+                    f"different images ({differences} differ); cannot tell which one is the real instance, so "
+                    "neither is used in its place: remove the wrong one and retry",
+                    path=inst.path,
+                    tag=_tag("SOPInstanceUID"),
+                )
             copies.append(inst.path.name)
         else:
             seen[inst.sop_instance_uid] = inst
@@ -1181,6 +1294,17 @@ def _check_frames(rs: _StructureSet, series_uid: str, frame: str, first_image: P
     return []
 
 
+def _no_rtstruct(
+    kind: type[StudyValidationError], study_uid: str, paths: Sequence[Path], series: dict[str, list[_Instance]]
+) -> StudyValidationError:
+    return kind(
+        f"no RTSTRUCT in study {study_uid}: {len(paths)} file{'s' if len(paths) != 1 else ''}, series "
+        f"{_describe_series(series)}",
+        path=_common_folder(paths),
+        tag=_tag("Modality"),
+    )
+
+
 def load_study(files: Sequence[Path]) -> LoadedStudy:
     """Validate one study's files and describe what to process.
 
@@ -1214,12 +1338,7 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
 
     structure_set_files = [inst for inst in instances if inst.is_rtstruct]
     if not structure_set_files:
-        raise StudyValidationError(
-            f"no RTSTRUCT in study {study_uid}: {len(paths)} file{'s' if len(paths) != 1 else ''}, series "
-            f"{_describe_series(series)}",
-            path=_common_folder(paths),
-            tag=_tag("Modality"),
-        )
+        raise _no_rtstruct(StudyValidationError, study_uid, paths, series)
     structure_sets = [_read_structure_set(inst) for inst in structure_set_files]
     chosen, series_uid, source, warnings = _choose_structure_set(structure_sets, series)
 
@@ -1267,6 +1386,103 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
         warnings=tuple(warnings),
         reference_source=source,
     )
+
+
+def load_images_only(files: Sequence[Path]) -> ImagesOnlyStudy:
+    """Check a study without an RTSTRUCT for passing its images on unchanged.
+
+    Every file must be a complete, readable DICOM instance of one study (truncation is checked as
+    in :func:`load_study`); a repeated SOPInstanceUID is passed on once, and refused when its
+    copies hold different images. Nothing is decoded, since nothing is computed from the pixels.
+
+    Raises:
+        DicomInputError: a file is unreadable or truncated (named).
+        StudyValidationError: the files hold an RTSTRUCT (use :func:`load_study`), several studies,
+            or two different images under one SOPInstanceUID.
+    """
+    paths = sorted({Path(p) for p in files})
+    if not paths:
+        raise StudyValidationError("no files given to load")
+    instances = [_read_instance(p) for p in paths]
+    study_uid, series = _group(instances)
+    structure_sets = [inst.path.name for inst in instances if inst.is_rtstruct]
+    if structure_sets:
+        raise StudyValidationError(
+            f"holds RTSTRUCT(s) {_listed(structure_sets)}: not an images-only study",
+            path=_common_folder(paths),
+            tag=_tag("Modality"),
+        )
+    kept: list[Path] = []
+    warnings: list[str] = []
+    for uid in sorted(series):
+        members, set_aside = _image_members(series[uid])
+        warnings.extend(f"image series {uid}: {sentence}" for sentence in set_aside)
+        localizers = [inst for inst in series[uid] if inst.is_localizer]
+        for inst in sorted([*members, *localizers], key=lambda i: str(i.path)):
+            _read_dataset(inst.path, defer_large_values=True)
+            kept.append(inst.path)
+    return ImagesOnlyStudy(
+        study_instance_uid=study_uid,
+        files=tuple(kept),
+        series=tuple(_describe_series(series).split("; ")),
+        warnings=tuple(warnings),
+    )
+
+
+def _skipped_note(skipped: Sequence[tuple[Path, str]]) -> str:
+    """One sentence naming the files of a folder that are not usable DICOM instances ("" if none)."""
+    if not skipped:
+        return ""
+    listed = _listed([f"{path.name} ({reason})" for path, reason in skipped], limit=3)
+    return f"{len(skipped)} file(s) of the folder are not usable DICOM instances and were not used: {listed}"
+
+
+def load_found_study(root: Path, study_instance_uid: str | None = None) -> LoadedStudy:
+    """:func:`find_study` then :func:`load_study`, with the folder's unusable files never dropped silently.
+
+    Files under ``root`` that are not usable DICOM instances (no preamble or file meta, a
+    transfer syntax that cannot be parsed, garbage, no StudyInstanceUID) cannot say which study
+    they belonged to. They are named in a warning when the study loads, and appended to the
+    error when it does not (often the cause: a slice that could not be read is then an image the
+    RTSTRUCT references but that is absent).
+
+    Raises:
+        NoStructureSetError: the study holds no RTSTRUCT.
+        DicomInputError, StudyValidationError: as :func:`load_study`, or no such study under ``root``.
+    """
+    studies, skipped = _scan(root)
+    note = _skipped_note(skipped)
+    matching = sorted(uid for uid in studies if study_instance_uid in (None, uid))
+    if len(matching) != 1:
+        wanted = f"study {study_instance_uid}" if study_instance_uid else "exactly one study"
+        found = f" ({_listed(matching)})" if matching else ""
+        raise StudyValidationError(
+            f"expected {wanted}, found {len(matching)} matching{found}" + (f"; {note}" if note else ""), path=root
+        )
+    instances = studies[matching[0]]
+    paths = sorted(inst.path for inst in instances)
+    if not any(inst.is_rtstruct for inst in instances):
+        series: dict[str, list[_Instance]] = defaultdict(list)
+        for inst in instances:
+            series[inst.series_instance_uid].append(inst)
+        error = _no_rtstruct(NoStructureSetError, matching[0], paths, dict(series))
+        raise NoStructureSetError(f"{error.reason}; {note}" if note else error.reason, path=error.path, tag=error.tag)
+    try:
+        study = load_study(paths)
+    except DicomInputError as exc:
+        if not note:
+            raise
+        raise type(exc)(f"{exc.reason}; {note}", path=exc.path, tag=exc.tag) from exc
+    return replace(study, warnings=(*study.warnings, note)) if note else study
+
+
+def find_images_only(root: Path, study_instance_uid: str | None = None) -> ImagesOnlyStudy:
+    """:func:`find_study` then :func:`load_images_only`; the folder's unusable files are named as in
+    :func:`load_found_study`."""
+    found = find_study(root, study_instance_uid)
+    note = _skipped_note(found.skipped)
+    study = load_images_only(found.files)
+    return replace(study, warnings=(*study.warnings, note)) if note else study
 
 
 def read_image_volume(series: ImageSeries) -> FloatArray32:

@@ -432,3 +432,37 @@ def test_bad_input_is_named(tmp_path: Path, study: Study) -> None:
         write_axial_series([broken], np.zeros((1, 48, 64), bool), tmp_path / "d", SETTINGS)
     with pytest.raises(NetrtError, match="write_axial_series"):
         write_reformatted_series(study.planes["axial"], files[0], tmp_path / "e", SETTINGS)
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal"])
+def test_roi_names_the_images_charset_cannot_spell_switch_the_copy_to_utf8(
+    tmp_path: Path, study: Study, plane: str
+) -> None:
+    """A Greek/Japanese ROI name on a Latin-1 series: the copy is re-declared ISO_IR 192 and every
+    text in it keeps its value (the Latin-1 patient name too), instead of '?' in the label."""
+    source = tmp_path / "latin1"
+    source.mkdir()
+    files = []
+    for path in study.manifest.image_files[:3]:
+        ds = dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Müller^Jörg"
+        ds.save_as(source / path.name)
+        files.append(source / path.name)
+    assert b"M\xfcller^J\xf6rg" in files[0].read_bytes()  # written in Latin-1
+    label = "NETRT: 腫瘍_Ωmega, Tumör"
+    settings = SeriesSettings(SETTINGS.description, SETTINGS.series_number, label, SETTINGS.settings_key)
+    mask = study.mask[:3]
+    if plane == "axial":
+        written = write_axial_series(files, mask, tmp_path / "out", settings)
+    else:
+        written = write_reformatted_series(study.planes[plane], files[0], tmp_path / "out", settings)
+    for path in written[:2]:
+        ds = dcmread(path)
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+        assert ds[0x6000, 0x1500].value == label
+        assert str(ds.PatientName) == "Müller^Jörg"
+        assert "Müller".encode() in path.read_bytes()
+    # A name Latin-1 can spell leaves the character set as it was.
+    plain = write_axial_series(files[:1], mask[:1], tmp_path / "plain", SETTINGS)
+    assert dcmread(plain[0]).SpecificCharacterSet == "ISO_IR 100"
