@@ -38,7 +38,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         tags=["netrt"],
     )
     # Poll for new flow runs every 2 s (Prefect's default is 10 s): a sealed study starts promptly.
-    serve(process, rerun, print_starting_message=True, query_seconds=2)
+    # `limit`: serve() otherwise starts every pending run at once (a process of ~0.5 GB each, all
+    # competing for the cores); the rest wait as Scheduled/Pending until a slot frees.
+    serve(
+        process,
+        rerun,
+        print_starting_message=True,
+        query_seconds=2,
+        limit=config.prefect.process_study_concurrency,
+    )
 
 
 if __name__ == "__main__":

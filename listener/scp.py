@@ -12,6 +12,7 @@ never raises.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import socket
 import ssl
@@ -48,7 +49,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from listener.completion import StudyTracker
 from listener.store import StoreError, write_instance
@@ -119,6 +120,33 @@ REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, service provider (presentation), 
 
 TLS_HANDSHAKE_TIMEOUT_SECONDS = 15.0
 
+# A PDU may exceed the negotiated maximum (or, when that is unlimited, the data set limit) by this
+# much (command set, PDU headers, an A-ASSOCIATE-RQ with many contexts) before it is refused unread.
+PDU_SLACK_BYTES = 1 << 20
+
+
+def pdu_limit(config: ListenerConfig) -> int:
+    """Longest PDU the listener reads: longer ones close the connection before they are buffered."""
+    return (config.max_pdu_size or config.max_dataset_bytes) + PDU_SLACK_BYTES
+
+
+class OversizedDataSet(io.BytesIO):
+    """Stands in for the receive buffer of a data set past ``listener.max_dataset_bytes``.
+
+    pynetdicom gathers a data set's fragments in memory; once it is too large the buffer is swapped
+    for this one, which only counts, so the message still completes and the handler can answer a
+    failure status instead of the process holding (or running out of) the memory.
+    """
+
+    def __init__(self, received: int) -> None:
+        super().__init__()
+        self.received = received
+
+    def write(self, data: Any) -> int:
+        size = len(data)
+        self.received += size
+        return size
+
 
 class ListenerError(NetrtError):
     """The listener cannot start (TLS material unreadable, port taken, ...)."""
@@ -165,10 +193,15 @@ class NetrtAssociationServer(ThreadedAssociationServer):
         *args: Any,
         tls_context: ssl.SSLContext | None = None,
         on_tls_failure: Callable[[str, str], None] | None = None,
+        max_pdu_bytes: int = 0,
+        on_oversized_pdu: Callable[[Association, int], None] | None = None,
         **kwargs: Any,
     ) -> None:
         self.tls_context = tls_context
         self.on_tls_failure = on_tls_failure
+        self.max_pdu_bytes = max_pdu_bytes
+        self.on_oversized_pdu = on_oversized_pdu
+        kwargs.setdefault("request_handler", NetrtRequestHandler)
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -191,6 +224,33 @@ class NetrtAssociationServer(ThreadedAssociationServer):
                     request.close()
                 return
         super().process_request_thread(request, client_address)
+
+
+class NetrtRequestHandler(RequestHandler):
+    """pynetdicom's request handler, with a bound on the PDU length the association reads.
+
+    pynetdicom reads a whole PDU into memory whatever length its header announces (up to 4 GiB) and
+    does not check it against the maximum it negotiated; here a longer one closes the connection.
+    """
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        server = cast(NetrtAssociationServer, self.server)
+        limit = server.max_pdu_bytes
+        sock = assoc.dul.socket
+        if limit > 0 and sock is not None:
+            read = sock.recv
+
+            def bounded_recv(nr_bytes: int) -> bytearray:
+                if nr_bytes > limit:
+                    if server.on_oversized_pdu is not None:
+                        server.on_oversized_pdu(assoc, nr_bytes)
+                    sock.close()  # the DUL sees a short read: "transport connection closed"
+                    return bytearray()
+                return read(nr_bytes)
+
+            sock.recv = bounded_recv  # type: ignore[method-assign]
+        return assoc
 
 
 @dataclass
@@ -242,6 +302,10 @@ class ListenerHandlers:
         self._lock = threading.Lock()
         self._associations: dict[Association, _AssociationInfo] = {}
         self._allowed_titles = {t.strip() for t in config.allowed_calling_ae_titles}
+        # Associations let in and not yet closed: the max_associations bound, taken under the lock
+        # (requests arrive in parallel threads; counting established ones lets a burst through).
+        self._slots: set[Association] = set()
+        self._receiving: dict[Association, int] = {}  # data set bytes of the message being received
 
     def bindings(self) -> list[Any]:
         return [
@@ -249,6 +313,7 @@ class ListenerHandlers:
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_PDU_RECV, self.on_pdu_received),
             (evt.EVT_CONN_CLOSE, self.on_closed),
         ]
 
@@ -283,9 +348,11 @@ class ListenerHandlers:
                 why = f"called AE title {called!r} is not this node's {self.config.ae_title!r}"
                 self._reject(event, calling, REJECT_CALLED_AE, why)
             else:
-                # Established ones only: a released association's thread lingers for a moment.
-                active = [a for a in assoc.ae.active_associations if a.is_acceptor and a.is_established]
-                if len(active) >= self.config.max_associations:
+                with self._lock:
+                    busy = len(self._slots) >= self.config.max_associations
+                    if not busy:
+                        self._slots.add(assoc)  # freed when its connection closes
+                if busy:
                     self._reject(
                         event, calling, REJECT_BUSY, f"{self.config.max_associations} associations already active"
                     )
@@ -320,6 +387,8 @@ class ListenerHandlers:
         try:
             self.tracker.sender_gone(event.assoc)
             with self._lock:
+                self._slots.discard(event.assoc)
+                self._receiving.pop(event.assoc, None)
                 info = self._associations.pop(event.assoc, None)
             if info is None:
                 return  # rejected, or closed before it was accepted
@@ -350,6 +419,45 @@ class ListenerHandlers:
             )
         except Exception:
             LOGGER.exception("bookkeeping of a closed association failed")
+
+    # --- size limits ----------------------------------------------------------------------------
+
+    def on_pdu_received(self, event: Event) -> None:
+        """Count the data set bytes of the message being received; past the limit, stop keeping them.
+
+        Runs in the association's reader thread before pynetdicom appends the PDU to the message.
+        """
+        items = getattr(event.pdu, "presentation_data_value_items", None)
+        if not items:
+            return
+        assoc = event.assoc
+        with self._lock:
+            received = self._receiving.get(assoc, 0)
+        for item in items:
+            value = item.presentation_data_value or b""
+            if not value:
+                continue
+            if value[0] & 0x01:  # a command fragment: a new message begins
+                received = 0
+            else:
+                received += len(value) - 1
+        with self._lock:
+            self._receiving[assoc] = received
+        if received > self.config.max_dataset_bytes:
+            message = assoc.dimse.message
+            if message is not None and not isinstance(message.data_set, OversizedDataSet):
+                LOGGER.warning(
+                    "C-STORE from %s: data set past listener.max_dataset_bytes (%d); discarding the rest",
+                    assoc.requestor.address,
+                    self.config.max_dataset_bytes,
+                )
+                message.data_set = OversizedDataSet(received)
+
+    def on_oversized_pdu(self, assoc: Association, length: int) -> None:
+        requestor = assoc.requestor
+        why = f"PDU of {length} bytes is longer than this node accepts ({pdu_limit(self.config)})"
+        LOGGER.warning("connection from %s closed: %s", requestor.address, why)
+        self.transactions.record("association_aborted", source_ip=requestor.address, reason=why)
 
     # --- services -------------------------------------------------------------------------------
 
@@ -388,6 +496,8 @@ class ListenerHandlers:
 
     def _store(self, event: Event) -> int | Dataset:
         request = cast(C_STORE, event.request)
+        if isinstance(request.DataSet, OversizedDataSet):
+            return self._refuse(event, STATUS_OUT_OF_RESOURCES, "data set larger than listener.max_dataset_bytes")
         try:
             sop_uid = checked_uid(str(request.AffectedSOPInstanceUID or ""), "AffectedSOPInstanceUID")
         except UnsafeIdentifierError:
@@ -439,7 +549,7 @@ def make_ae(config: ListenerConfig) -> AE:
     """The application entity with NETRT's presentation contexts and limits."""
     ae = AE(ae_title=config.ae_title)
     ae.maximum_pdu_size = config.max_pdu_size
-    # Our EVT_REQUESTED handler rejects first, with a log line, counting established associations.
+    # Our EVT_REQUESTED handler rejects first, with a log line, counting the associations it let in.
     # pynetdicom's own limit counts every acceptor thread, including ones just released and still
     # ending; kept only as a backstop against a flood of connections that never finish negotiating.
     ae.maximum_associations = 2 * config.max_associations + 10

@@ -24,6 +24,7 @@ from listener.scp import (
     NetrtAssociationServer,
     build_ssl_context,
     make_ae,
+    pdu_limit,
 )
 from netrt.anonymize import load_or_create_secret, public_study_uid
 from netrt.config import NetrtConfig
@@ -103,6 +104,8 @@ class ListenerService:
                 server_class=NetrtAssociationServer,
                 tls_context=self._ssl_context,
                 on_tls_failure=self.handlers.on_tls_failure,
+                max_pdu_bytes=pdu_limit(listener),
+                on_oversized_pdu=self.handlers.on_oversized_pdu,
             )
         except OSError as exc:
             raise ListenerError(

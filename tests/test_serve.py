@@ -85,6 +85,7 @@ class Node:
             self.lines.append(line)
             if line.startswith("NETRT is running"):
                 return
+        self.kill_everything()  # no orphaned Prefect server or flow server when start-up fails
         raise AssertionError("netrt serve did not come up:\n" + self.output)
 
     @property
