@@ -29,6 +29,7 @@ from netrt.logs import TransactionLog, setup_logging
 if TYPE_CHECKING:
     from listener.completion import SealedStudy
     from listener.service import ListenerService
+    from netrt.config import DicomDestination
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -60,14 +61,45 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_get(args: argparse.Namespace) -> int:
+    """Print one effective config value (strings bare, anything else as JSON): for scripts and prefect.yaml."""
+    import json
+
+    value: object = load_config(args.file).model_dump(mode="json", by_alias=True)
+    for part in args.key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise NetrtError(f"{args.key}: no such config key (see `netrt config show`)")
+        value = value[part]
+    print(value if isinstance(value, str) else json.dumps(value))
+    return EXIT_OK
+
+
+def _own_listener(config: NetrtConfig) -> DicomDestination:
+    """This node's own listener as a C-ECHO target (the container HEALTHCHECK); plain TCP only."""
+    from netrt.config import DicomDestination
+
+    listener = config.listener
+    if listener.tls.enabled:
+        raise NetrtError("netrt echo --self speaks plain TCP, but listener.tls.enabled is true; use echoscu +tls")
+    host = "127.0.0.1" if listener.host in ("0.0.0.0", "::", "") else listener.host
+    return DicomDestination(name="self", type="dicom", ae_title=listener.ae_title, host=host, port=listener.port)
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     """C-ECHO a configured dicom destination, as set-up check; exit 1 with the reason when it fails."""
     from netrt.config import DicomDestination
     from netrt.send import echo_destination
 
     config = _config(args)
+    if args.self_ == (args.destination is not None):
+        raise NetrtError("give either a DESTINATION or --self")
     destinations = {d.name: d for d in config.effective_destinations()}
-    destination = destinations.get(args.destination)
+    if args.self_:
+        own = _own_listener(config)
+        allowed = config.listener.allowed_calling_ae_titles
+        own.calling_ae_title = allowed[0] if allowed else "NETRT_HEALTH"
+        destinations = {own.name: own}
+    destination = destinations.get(args.destination or "self")
     if not isinstance(destination, DicomDestination):
         names = ", ".join(name for name, d in destinations.items() if isinstance(d, DicomDestination)) or "none"
         what = "is a folder destination" if destination is not None else "is not configured"
@@ -400,6 +432,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _run_node(args, local_server=config.prefect.api_url is None, flow_server=not args.no_worker)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """`prefect worker start --pool netrt --type process` with NETRT's Prefect settings; replaces this process."""
+    config = _config(args)
+    DataLayout.from_data_dir(config.paths.data_dir).create()
+    _apply_prefect_environment(config)
+    import flows
+    from flows.local_server import is_healthy
+    from netrt.prefect_env import api_url
+
+    if not is_healthy(api_url(config), timeout=5.0):
+        raise NetrtError(f"no Prefect API answers at {api_url(config)}; set prefect.api_url to the server's API")
+    # prefect.yaml's pull step runs flow runs from $NETRT_HOME (the folder holding flows/).
+    os.environ.setdefault("NETRT_HOME", str(Path(flows.__file__).resolve().parent.parent))
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")  # pick up a sealed study promptly
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
+    limit = args.limit or config.prefect.worker_limit
+    if limit:
+        command += ["--limit", str(limit)]
+    if args.name:
+        command += ["--name", args.name]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+
+
 def cmd_listener(args: argparse.Namespace) -> int:
     """Only the DICOM listener; flow runs go to prefect.api_url (or a running local server) and its workers."""
     return _run_node(args, local_server=False, flow_server=False)
@@ -542,6 +598,19 @@ def build_parser() -> argparse.ArgumentParser:
     listener.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
     listener.set_defaults(handler=cmd_listener)
 
+    worker = commands.add_parser(
+        "worker",
+        help="run a Prefect process worker on the netrt work pool (production mode, with `netrt listener`)",
+        description="Runs `prefect worker start --pool netrt --type process` against prefect.api_url with NETRT's "
+        "Prefect settings (results cache under paths.data_dir, which every worker must share with the "
+        "listener). The worker runs the flow runs of the deployments `prefect deploy --all` registered.",
+    )
+    worker.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    worker.add_argument("--pool", default="netrt", help="work pool (default netrt; created if missing)")
+    worker.add_argument("--limit", type=int, help="most flow runs at once (default: prefect.worker_limit)")
+    worker.add_argument("--name", help="worker name shown in the UI (default: Prefect's)")
+    worker.set_defaults(handler=cmd_worker)
+
     demo = commands.add_parser(
         "demo",
         help="send a phantom study to the running node, wait for its flow run, print where the output is",
@@ -600,12 +669,22 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", help="print the effective config (defaults + FILE + environment)")
     show.add_argument("file", metavar="FILE", nargs="?")
     show.set_defaults(handler=cmd_config_show)
+    get = config_commands.add_parser("get", help="print one value, e.g. prefect.process_study_concurrency")
+    get.add_argument("key", metavar="KEY", help="dotted key path, e.g. quarantine.retry_cron")
+    get.add_argument("file", metavar="FILE", nargs="?")
+    get.set_defaults(handler=cmd_config_get)
 
     echo = commands.add_parser(
         "echo",
         help="C-ECHO a configured dicom destination (set-up check); exit 1 with the reason when it fails",
     )
-    echo.add_argument("destination", metavar="DESTINATION", help="name of a destination of type dicom")
+    echo.add_argument("destination", metavar="DESTINATION", nargs="?", help="name of a destination of type dicom")
+    echo.add_argument(
+        "--self",
+        dest="self_",
+        action="store_true",
+        help="C-ECHO this node's own listener (listener.host/port/ae_title; the container health check)",
+    )
     echo.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
     echo.set_defaults(handler=cmd_echo)
 
