@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import deliver, orchestration, process, receive
-from bench.report import DEFAULT_OUT, Options, write_section
+from bench import accuracy, deliver, endtoend, orchestration, process, receive, scaling
+from bench.report import DEFAULT_OUT, Options, write_section, write_summary
 
-# Figure name -> function measuring it and returning its Markdown section. Issue 9 adds the others.
+# Figure name -> function measuring it and returning its Markdown section (issue 9's order).
 FIGURES: dict[str, Callable[[Options], str]] = {
-    process.FIGURE: process.run,
-    orchestration.FIGURE: orchestration.run,
-    deliver.FIGURE: deliver.run,
     receive.FIGURE: receive.run,
+    deliver.FIGURE: deliver.run,
+    process.FIGURE: process.run,
+    endtoend.FIGURE: endtoend.run,
+    orchestration.FIGURE: orchestration.run,
+    scaling.FIGURE: scaling.run,
+    accuracy.FIGURE: accuracy.run,
 }
 
 
@@ -46,11 +51,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; known: {', '.join(FIGURES)}")
     runs = args.runs if args.runs is not None else (1 if args.smoke else 3)
     options = Options(smoke=args.smoke, runs=runs, out=args.out, profile=args.profile)
-    for name in args.figures or list(FIGURES):
-        section = FIGURES[name](options)
+    started = time.perf_counter()
+    names = args.figures or list(FIGURES)
+    failed: list[str] = []
+    for name in names:
+        figure_started = time.perf_counter()
+        try:
+            section = FIGURES[name](options)
+        except Exception:  # one broken figure must not cost the others' measurements
+            traceback.print_exc()
+            print(f"{name}: FAILED; its section is left as it was", file=sys.stderr)
+            failed.append(name)
+            continue
         print(section)
         write_section(options.out, name, section)
-        print(f"{name}: section written to {options.out}", file=sys.stderr)
+        took = time.perf_counter() - figure_started
+        print(f"{name}: section written to {options.out} ({took:.0f} s)", file=sys.stderr)
+    wall = time.perf_counter() - started
+    write_summary(options.out, wall if len(names) == len(FIGURES) and not failed else None)
+    print(f"summary written to {options.out}; {len(names)} figure(s) in {wall:.0f} s", file=sys.stderr)
+    if failed:
+        print(f"failed figure(s): {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.process_worker import NETRT_STAGES, PLANES
+from bench.process_worker import NETRT_STAGES, PLANES, RTUTILS_STAGES
 from bench.report import (
     REPO_ROOT,
     Options,
@@ -36,6 +36,7 @@ from bench.report import (
     markdown_table,
     median,
     spread,
+    summary_row,
     verdict,
 )
 
@@ -83,6 +84,7 @@ class Measurements:
     input_bytes: int
     netrt: list[dict[str, Any]]
     floor: list[dict[str, Any]]
+    rtutils: list[dict[str, Any]]
     orders: list[str]
 
     def netrt_stage(self, stage: str) -> list[float]:
@@ -96,6 +98,12 @@ class Measurements:
 
     def floor_totals(self, stages: tuple[str, ...] = FLOOR_TOTAL_STAGES) -> list[float]:
         return [sum(float(run["stages"][s]) for s in stages) for run in self.floor]
+
+    def rtutils_stage(self, stage: str) -> list[float]:
+        return [float(run["stages"][stage]) for run in self.rtutils]
+
+    def rtutils_totals(self) -> list[float]:
+        return [sum(float(run["stages"][s]) for s in RTUTILS_STAGES) for run in self.rtutils]
 
 
 def _write_phantom(size: PhantomSize, out_dir: Path) -> Path:
@@ -148,10 +156,13 @@ def measure(size: PhantomSize, runs: int, root: Path) -> Measurements:
     os.sync()
     netrt_runs: list[dict[str, Any]] = []
     floor_runs: list[dict[str, Any]] = []
+    rtutils_runs: list[dict[str, Any]] = []
     orders: list[str] = []
     plan_file = root / "plan.json"
+    variants = ("netrt", "floor", "rtutils")
     for index in range(runs):
-        order = ("netrt", "floor") if index % 2 == 0 else ("floor", "netrt")
+        # Rotate the order; run 0 starts with NETRT, whose output plan the floor needs.
+        order = variants[index % 3 :] + variants[: index % 3]
         orders.append(" -> ".join(order))
         for variant in order:
             work = root / f"run{index}-{variant}"
@@ -162,12 +173,16 @@ def measure(size: PhantomSize, runs: int, root: Path) -> Measurements:
                 netrt_runs.append(data)
                 plan_file.write_text(json.dumps(data["outputs"]), encoding="utf-8")
                 total = sum(float(data["stages"][s]) for s in NETRT_STAGES)
+            elif variant == "rtutils":
+                data = _run_worker("rtutils", input_dir, work, [])
+                rtutils_runs.append(data)
+                total = sum(float(data["stages"][s]) for s in RTUTILS_STAGES)
             else:
                 data = _run_worker("floor", input_dir, work, ["--plan", str(plan_file)])
                 floor_runs.append(data)
                 total = sum(float(data["stages"][s]) for s in FLOOR_TOTAL_STAGES)
             print(f"process: run {index + 1}/{runs} {variant}: {total:.2f} s", file=sys.stderr)
-    return Measurements(size, input_bytes, netrt_runs, floor_runs, orders)
+    return Measurements(size, input_bytes, netrt_runs, floor_runs, rtutils_runs, orders)
 
 
 def profile_slowest(measurements: Measurements, root: Path, input_dir: Path) -> tuple[str, Path]:
@@ -190,6 +205,59 @@ def _seconds(values: list[float]) -> str:
 
 def _mib(kib: float) -> str:
     return f"{kib / 1024:.0f}"
+
+
+SCRIPT_TARGET = 1.0
+NETRT_PROCESSING = ("validate", "masks", *PLANES)
+
+
+def _script_comparison(m: Measurements) -> tuple[float, float, float]:
+    """(NETRT processing median s, script median s, NETRT / script): both without delivery."""
+    netrt = median(m.netrt_totals(NETRT_PROCESSING))
+    script = median(m.rtutils_totals())
+    return netrt, script, netrt / script
+
+
+def _rtutils_lines(m: Measurements, decoded_bytes: int) -> list[str]:
+    _, script, ratio = _script_comparison(m)
+    axial_only = median(m.netrt_totals(("validate", "masks", "axial")))
+    with_deliver = median(m.netrt_totals())
+    paired = [n / r for n, r in zip(m.netrt_totals(NETRT_PROCESSING), m.rtutils_totals(), strict=True)]
+    reformat = [a + b for a, b in zip(m.netrt_stage("coronal"), m.netrt_stage("sagittal"), strict=True)]
+    n, r = m.netrt_stage, m.rtutils_stage
+    rows = [
+        ["read + check the study", _seconds(n("validate")), "create_from (reads every file)", _seconds(r("load"))],
+        [
+            "masks of the 8 kept ROIs, merged",
+            _seconds(n("masks")),
+            "get_roi_mask_by_name x 8, OR",
+            _seconds(r("masks")),
+        ],
+        ["axial overlay series", _seconds(n("axial")), "add 60xx + dcmwrite per slice", _seconds(r("axial"))],
+        ["coronal + sagittal (reformat + write)", _seconds(reformat), "not done", "-"],
+        ["**total**", _seconds(m.netrt_totals(NETRT_PROCESSING)), "", _seconds(m.rtutils_totals())],
+    ]
+    script_peak = [float(run["peak_rss_kib"]) for run in m.rtutils]
+    return [
+        "### Against the plain rt-utils script",
+        "",
+        "What users write without NETRT (`bench/rtutils_script.py`): rt-utils `RTStructBuilder.create_from` + "
+        "`get_roi_mask_by_name` per kept ROI (the same 8), OR-ed, then pydicom adds an Overlay Plane (6000) to "
+        "each CT slice already in memory and writes it with new UIDs: one axial series, no reformat, no checks, "
+        "no fsync. Same runs, alternating with the other variants, fresh subprocess each; neither side delivers.",
+        "",
+        markdown_table(["step", "NETRT median s (min-max)", "rt-utils script", "script median s (min-max)"], rows),
+        "",
+        f"**Target: NETRT (three planes) / script (axial only) <= {SCRIPT_TARGET:g}x (not slower): "
+        f"{verdict(ratio, SCRIPT_TARGET)}.** Per-run paired ratios: {', '.join(f'{r:.2f}x' for r in paired)}.",
+        "",
+        f"- NETRT's validate + masks + axial alone (the script's work): {axial_only:.2f} s = "
+        f"{axial_only / script:.2f}x the script; with delivery to a folder NETRT takes {with_deliver:.2f} s = "
+        f"{with_deliver / script:.2f}x.",
+        f"- Peak RSS of the script: {_mib(median(script_peak))} MiB ({median(script_peak) * 1024 / decoded_bytes:.1f}x "
+        "the input pixel bytes).",
+        "- Mask accuracy of both against the analytic truth: see the accuracy figure.",
+    ]
 
 
 def render(measurements: Measurements, options: Options, profile: tuple[str, Path] | None) -> str:
@@ -329,6 +397,28 @@ def render(measurements: Measurements, options: Options, profile: tuple[str, Pat
         f"Input pixel bytes = {decoded_bytes / 2**20:.1f} MiB (the input series' stored pixel data).",
         "",
         memory,
+    ]
+    lines += ["", *_rtutils_lines(m, decoded_bytes)]
+    lines += [
+        "",
+        summary_row(
+            figure="3. Process (vs I/O floor)",
+            netrt=f"{netrt_total:.2f} s",
+            comparison=f"{floor_total:.2f} s: pydicom read + write the same files + copy",
+            ratio=ratio,
+            target=f"<= {TARGET_RATIO:g}x",
+            met=ratio <= TARGET_RATIO,
+            command=command_line(),
+        ),
+        summary_row(
+            figure="3. Process (vs rt-utils script)",
+            netrt=f"{_script_comparison(m)[0]:.2f} s (3 planes)",
+            comparison=f"{_script_comparison(m)[1]:.2f} s: rt-utils masks + pydicom axial overlays",
+            ratio=_script_comparison(m)[2],
+            target=f"<= {SCRIPT_TARGET:g}x",
+            met=_script_comparison(m)[2] <= SCRIPT_TARGET,
+            command=command_line(),
+        ),
     ]
     if profile is not None:
         stage, path = profile

@@ -9,6 +9,11 @@ so every run starts from a clean interpreter and its peak memory is its own:
 - ``floor``: pydicom alone, no computation: read every input file in full (pixel data included),
   write as many files per plane as NETRT wrote, with the same pixel dimensions and type, and copy
   those files to a folder (plus, for reference, the same copy with an fsync per file).
+- ``rtutils``: the plain script users write without NETRT (:mod:`bench.rtutils_script`): rt-utils
+  masks per ROI, merged, and pydicom axial overlay series (load, masks, axial).
+
+``--memory-out`` traces the study's allocations with tracemalloc (started after the imports) and
+writes, per stage, the traced peak, the live allocations after it and VmRSS/VmHWM.
 
 Stage times are ``time.perf_counter`` around each stage, after the imports (a running node does
 not pay its imports per study). Peak memory is ``VmHWM`` of ``/proc/self/status`` read at the end
@@ -28,7 +33,9 @@ import os
 import pstats
 import resource
 import shutil
+import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +43,8 @@ from typing import Any, TypeVar
 PLANES = ("axial", "coronal", "sagittal")
 NETRT_STAGES = ("validate", "masks", *PLANES, "deliver")
 FLOOR_STAGES = ("read", *(f"write_{plane}" for plane in PLANES), "copy", "copy_fsync")
+RTUTILS_STAGES = ("load", "masks", "axial")
+TRACEMALLOC_TOP = 15
 PROFILE_TOP = 25
 
 T = TypeVar("T")
@@ -73,16 +82,27 @@ def _peak_rss_kib() -> tuple[int, str]:
 
 
 class _Stages:
-    """Times named stages; profiles one of them with cProfile when asked."""
+    """Times named stages; profiles one of them with cProfile when asked; with ``memory_out``, traces
+    Python allocations (tracemalloc) and records each stage's traced peak and its top allocations."""
 
-    def __init__(self, profile_stage: str | None, profile_out: Path | None, title: str) -> None:
+    def __init__(
+        self, profile_stage: str | None, profile_out: Path | None, title: str, memory_out: Path | None = None
+    ) -> None:
         self.seconds: dict[str, float] = {}
         self.profile_stage = profile_stage
         self.profile_out = profile_out
         self.title = title
+        self.memory_out = memory_out
+        self.memory: dict[str, dict[str, Any]] = {}
 
     def run(self, name: str, func: Callable[[], T]) -> T:
         profiler = cProfile.Profile() if name == self.profile_stage else None
+        sampler: _PeakSampler | None = None
+        if self.memory_out is not None:
+            if not tracemalloc.is_tracing():
+                tracemalloc.start(1)  # after the imports: only the study's own allocations
+            tracemalloc.reset_peak()
+            sampler = _PeakSampler()
         start = time.perf_counter()
         if profiler is not None:
             profiler.enable()
@@ -92,9 +112,74 @@ class _Stages:
             if profiler is not None:
                 profiler.disable()
         self.seconds[name] = time.perf_counter() - start
+        if self.memory_out is not None and sampler is not None:
+            at_peak = sampler.stop()
+            current, peak = tracemalloc.get_traced_memory()
+            top = tracemalloc.take_snapshot().statistics("lineno")[:TRACEMALLOC_TOP]
+            self.memory[name] = {
+                "near_peak_bytes": at_peak[0],
+                "top_near_peak": [
+                    f"{stat.size / 2**20:8.1f} MiB {stat.count:8d} blocks  {stat.traceback}" for stat in at_peak[1]
+                ],
+                "traced_peak_bytes": peak,
+                "traced_after_bytes": current,
+                "rss_after_kib": _rss_kib(),
+                "hwm_after_kib": _peak_rss_kib()[0],
+                "top_after": [f"{stat.size / 2**20:8.1f} MiB {stat.count:8d} blocks  {stat.traceback}" for stat in top],
+            }
         if profiler is not None and self.profile_out is not None:
             _write_profile(profiler, self.profile_out, name, self.seconds[name], self.title)
         return result
+
+    def write_memory_profile(self) -> None:
+        if self.memory_out is None:
+            return
+        lines = [
+            f"Memory profile of NETRT processing, {self.title}.",
+            "tracemalloc (Python and numpy allocations; SimpleITK's C++ buffers are not traced, they show in RSS).",
+            "Per stage: the traced peak during the stage, what stays allocated after it, VmRSS and VmHWM after it,",
+            f"and the top {TRACEMALLOC_TOP} live allocations (by source line) near the stage's peak (a sampler thread",
+            "snapshots whenever the traced size grows by 10 %) and right after the stage.",
+            "",
+        ]
+        for name, data in self.memory.items():
+            lines.append(
+                f"== {name}: traced peak {data['traced_peak_bytes'] / 2**20:.0f} MiB, live after "
+                f"{data['traced_after_bytes'] / 2**20:.0f} MiB, VmRSS after {data['rss_after_kib'] / 1024:.0f} MiB, "
+                f"VmHWM after {data['hwm_after_kib'] / 1024:.0f} MiB =="
+            )
+            lines.append(
+                f"-- live allocations near the stage's peak ({data['near_peak_bytes'] / 2**20:.0f} MiB traced):"
+            )
+            lines += data["top_near_peak"]
+            lines.append("-- live allocations after the stage:")
+            lines += data["top_after"]
+            lines.append("")
+        self.memory_out.parent.mkdir(parents=True, exist_ok=True)
+        self.memory_out.write_text("\n".join(lines), encoding="utf-8")
+
+
+class _PeakSampler:
+    """Samples the traced memory every 20 ms in a thread; keeps the top allocations of the largest
+    sample (a snapshot is taken whenever the traced size passes the last snapshot's by 10 %)."""
+
+    def __init__(self) -> None:
+        self.best: tuple[int, list[tracemalloc.Statistic]] = (0, [])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            current, _ = tracemalloc.get_traced_memory()
+            if current > 1.1 * self.best[0] and current > 16 * 2**20:
+                stats = tracemalloc.take_snapshot().statistics("lineno")[:TRACEMALLOC_TOP]
+                self.best = (current, stats)
+
+    def stop(self) -> tuple[int, list[tracemalloc.Statistic]]:
+        self._stop.set()
+        self._thread.join()
+        return self.best
 
 
 def _write_profile(profiler: cProfile.Profile, out: Path, stage: str, seconds: float, title: str) -> None:
@@ -243,9 +328,22 @@ def run_floor(input_dir: Path, work: Path, plan: dict[str, dict[str, int]], stag
     return {"input_files": len(inputs), "output_files": len(written), "rss_after_imports_kib": rss_after_imports}
 
 
+def run_rtutils(input_dir: Path, work: Path, stages: _Stages) -> dict[str, Any]:
+    """The plain rt-utils + pydicom script (:mod:`bench.rtutils_script`), stage by stage."""
+    from bench import rtutils_script
+
+    rss_after_imports = _rss_kib()
+    rtstruct = stages.run("load", lambda: rtutils_script.load(input_dir))
+    mask, kept = stages.run("masks", lambda: rtutils_script.merged_mask(rtstruct))
+    files = stages.run("axial", lambda: rtutils_script.write_axial_overlays(rtstruct, mask, work / "axial"))
+    if len(files) != len(rtstruct.series_data):
+        raise RuntimeError(f"the script wrote {len(files)} files for {len(rtstruct.series_data)} slices")
+    return {"output_files": len(files), "rois_kept": kept, "rss_after_imports_kib": rss_after_imports}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.process_worker", description=__doc__)
-    parser.add_argument("variant", choices=("netrt", "floor"))
+    parser.add_argument("variant", choices=("netrt", "floor", "rtutils"))
     parser.add_argument("--input", type=Path, required=True, help="folder holding the phantom study")
     parser.add_argument("--work", type=Path, required=True, help="empty folder for this run's output")
     parser.add_argument("--result", type=Path, required=True, help="where to write the JSON result")
@@ -253,17 +351,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-stage", choices=NETRT_STAGES, help="netrt only: profile this stage")
     parser.add_argument("--profile-out", type=Path, help="where the profile of --profile-stage goes")
     parser.add_argument("--title", default="", help="what is being processed, for the profile header")
+    parser.add_argument("--memory-out", type=Path, help="trace allocations (tracemalloc) and write a profile here")
     args = parser.parse_args(argv)
 
-    stages = _Stages(args.profile_stage, args.profile_out, args.title)
+    stages = _Stages(args.profile_stage, args.profile_out, args.title, args.memory_out)
     if args.variant == "netrt":
         details = run_netrt(args.input, args.work, stages)
+    elif args.variant == "rtutils":
+        details = run_rtutils(args.input, args.work, stages)
     else:
         if args.plan is None:
             parser.error("floor needs --plan")
         plan = json.loads(args.plan.read_text(encoding="utf-8"))
         details = run_floor(args.input, args.work, plan, stages)
     peak, peak_source = _peak_rss_kib()
+    stages.write_memory_profile()
     result = {
         "variant": args.variant,
         "stages": stages.seconds,

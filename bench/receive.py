@@ -31,7 +31,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.report import REPO_ROOT, Options, command_line, machine, markdown_table, median, spread, verdict
+from bench.report import (
+    REPO_ROOT,
+    Options,
+    command_line,
+    machine,
+    markdown_table,
+    median,
+    spread,
+    summary_row,
+    verdict,
+)
 
 FIGURE = "receive"
 TARGET_RATIO = 2.0
@@ -421,6 +431,18 @@ def render(data: dict[str, Any]) -> str:
             f"{netrt_ms - handler_ms - floor_ms:.2f} ms (PDU reading and reassembly in Python, two thread hand-offs "
             "through queues polled every 1 ms, pydicom encoding of each C-STORE-RSP; see the profile).",
         ]
+    lines += [
+        "",
+        summary_row(
+            figure="1. Receive",
+            netrt=f"{median(netrt):.3f} s ({netrt_ms:.2f} ms/instance)",
+            comparison=f"{median(storescp):.3f} s: storescu -> dcmtk storescp",
+            ratio=ratio,
+            target=f"<= {TARGET_RATIO:g}x",
+            met=ratio <= TARGET_RATIO,
+            command=command_line(),
+        ),
+    ]
     if data["profile"]:
         lines += [
             "",

@@ -44,7 +44,7 @@ def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
 
 
 def start_local_server(
-    env: dict[str, str], api_url: str, log_file: Path, ready_timeout: float = 90.0
+    env: dict[str, str], api_url: str, log_file: Path, ready_timeout: float = 180.0
 ) -> subprocess.Popen[bytes]:
     """Start ``prefect server start`` on 127.0.0.1 and wait until it answers; raise if it does not."""
     if is_healthy(api_url):
