@@ -41,6 +41,9 @@ def prefect_environment(config: NetrtConfig, *, with_api_url: bool = True) -> di
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_LOCAL_STORAGE_PATH": str(layout.cache / "results"),
         "PREFECT_UI_API_URL": api_url(config),
+        # A temporary server (one-shot commands) may take longer than Prefect's 20 s to come up on a
+        # busy machine; the wait ends as soon as it answers.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     }
     if with_api_url:
         env["PREFECT_API_URL"] = api_url(config)

@@ -70,3 +70,24 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# Test files that take minutes, started first: `./dev test` hands whole files to two workers in
+# collection order, so a long file collected last would run alone at the end while a core idles.
+LONGEST_FIRST = (
+    "test_scale.py",
+    "test_bench.py",
+    "test_serve.py",
+    "test_hardening_network.py",
+    "test_hardening_corpus.py",
+    "test_send.py",
+    "test_process.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the tests of one file stay together and in order

@@ -401,6 +401,9 @@ def _scenario_crash_and_resume(params: dict[str, Any]) -> dict[str, Any]:
         except DeliveryError as exc:
             out["first"] = _error(exc)
         out["first_seconds"] = time.perf_counter() - started
+        deadline = time.monotonic() + 15  # the send fails as Orthanc dies; its exit may lag under load
+        while orthanc.running and time.monotonic() < deadline:
+            time.sleep(0.1)
         out["crashed"] = not orthanc.running
         orthanc.stop()
         out["acknowledged"] = [json.loads(line)["sop_instance_uid"] for line in progress.read_text().splitlines()]
