@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from bench.report import (
     REPO_ROOT,
     Options,
     command_line,
+    free_port,
     machine,
     markdown_table,
     median,
@@ -50,12 +50,6 @@ IDLE_SECONDS = 2.0
 START_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 900
 LOCALHOST = "127.0.0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCALHOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _descendants(pid: int) -> list[int]:
@@ -237,11 +231,11 @@ def run(options: Options) -> str:
             phantoms.append((root / f"phantom{index}" / "dicom", manifest.study_instance_uid))
         input_files = len(list(phantoms[0][0].iterdir()))
         data = root / "data"
-        port = _free_port()
+        port = free_port()
         config = root / "netrt.yaml"
         config.write_text(
             f"paths: {{data_dir: {data}}}\n"
-            f"prefect: {{server_port: {_free_port()}}}\n"
+            f"prefect: {{server_port: {free_port()}}}\n"
             f"listener: {{host: {LOCALHOST}, port: {port}, study_idle_seconds: {IDLE_SECONDS}}}\n"
             f"destinations: [{{name: bench, type: folder, path: {data / 'bench-output'}}}]\n",
             encoding="utf-8",

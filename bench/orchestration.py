@@ -18,18 +18,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.report import REPO_ROOT, Options, command_line, machine, markdown_table, median, spread, summary_row
+from bench.report import (
+    REPO_ROOT,
+    Options,
+    command_line,
+    free_port,
+    machine,
+    markdown_table,
+    median,
+    spread,
+    summary_row,
+)
 
 FIGURE = "orchestration"
 WORKER_TIMEOUT_S = 1200
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(options: Options) -> str:
@@ -47,7 +49,7 @@ def run(options: Options) -> str:
         )
         server_config = root / "server.yaml"
         server_config.write_text(
-            f"paths: {{data_dir: {root / 'server'}}}\nprefect: {{server_port: {_free_port()}}}\n", encoding="utf-8"
+            f"paths: {{data_dir: {root / 'server'}}}\nprefect: {{server_port: {free_port()}}}\n", encoding="utf-8"
         )
         config = load_config(server_config)
         env = prefect_environment(config)

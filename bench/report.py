@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import socket
 import statistics
 import sys
 from collections.abc import Sequence
@@ -94,6 +95,13 @@ def command_line() -> str:
     """The command as the user typed it, as far as ``sys.argv`` tells (``python -m bench ...``)."""
     args = sys.argv[1:]
     return " ".join([".venv/bin/python -m bench", *args]) if args else ".venv/bin/python -m bench"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for the servers a figure starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def median(values: Sequence[float]) -> float:
