@@ -10,7 +10,7 @@ each variant runs in a fresh subprocess (:mod:`bench.process_worker`):
   wrote with the same pixel dimensions and type (no computation), and copying them to a folder.
 
 The section reports per-stage medians, the floor, the ratio NETRT total / floor total against the
-1.5x target, and peak RSS. ``--profile`` adds a cProfile run of the slowest stage, written to
+1.5x target, and peak RSS. ``--profile`` adds a pyinstrument run of the slowest stage, written to
 ``bench/profiles/<stage>.txt``.
 """
 
@@ -186,7 +186,7 @@ def measure(size: PhantomSize, runs: int, root: Path) -> Measurements:
 
 
 def profile_slowest(measurements: Measurements, root: Path, input_dir: Path) -> tuple[str, Path]:
-    """Run NETRT once more under cProfile for its slowest stage (by median); return the stage and file."""
+    """Run NETRT once more under pyinstrument for its slowest stage (by median); return the stage and file."""
     stage = max(NETRT_STAGES, key=lambda s: median(measurements.netrt_stage(s)))
     out = PROFILE_DIR / f"{stage}.txt"
     title = f"{measurements.size.describe()}, 10 ROIs, default ProcessingConfig"
@@ -424,9 +424,8 @@ def render(measurements: Measurements, options: Options, profile: tuple[str, Pat
         stage, path = profile
         lines += [
             "",
-            f"Profile of the slowest stage ({stage}): `{path.relative_to(REPO_ROOT)}` (cProfile + pstats, top "
-            f"{25} by cumulative time and by own time; pyinstrument is not installed here). "
-            "It comes from one extra run, not from the timed runs.",
+            f"Profile of the slowest stage ({stage}): `{path.relative_to(REPO_ROOT)}` (pyinstrument call tree, "
+            "1 ms sampling). It comes from one extra run, not from the timed runs.",
         ]
     return "\n".join(lines) + "\n"
 
