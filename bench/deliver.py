@@ -115,8 +115,8 @@ def _measure(params: dict[str, Any]) -> dict[str, Any]:
     attempt = iter(range(1_000_000))
 
     def netrt() -> None:
-        # A fresh progress file per run, as the deliver task keeps one: hashing and fsync'd
-        # bookkeeping of every acknowledged instance are part of what is measured.
+        # A fresh progress file per run, as the deliver task keeps one: hashing and the
+        # durable bookkeeping of every acknowledged instance are part of what is measured.
         progress = work / f"progress-{next(attempt)}.jsonl"
         send_to_dicom(destination, files, calling_ae_title="NETRT", progress_file=progress)
 
@@ -217,8 +217,8 @@ def _section(
             "instance is one request/response round trip for both senders, but pynetdicom moves every 16 KB "
             "P-DATA PDU (Orthanc's maximum) through a queue, its state machine and events in Python on a second "
             "thread, and each `send_c_store` first waits for the association thread to pause (it polls every "
-            "1 ms). NETRT's own work (reading the file meta, SHA-256 for the progress file, one fsync'd line per "
-            "instance) is about a tenth of its time.",
+            "1 ms). NETRT's own work (reading the file meta, SHA-256 for the progress file, one line per "
+            "instance, flushed, fsync'd once a second) is a small part of its time.",
             "",
             summary_row(
                 figure="2. Deliver",

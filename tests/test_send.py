@@ -10,6 +10,7 @@ wire, duplicates included).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -542,6 +543,34 @@ def test_progress_file_survives_a_torn_last_line(written: dict[str, Any], tmp_pa
     assert _acknowledged(progress) == {(first.sop_instance_uid, first.sha256), (second.sop_instance_uid, second.sha256)}
     # Same UID, other content: not acknowledged (a re-written instance is sent again).
     assert (first.sop_instance_uid, second.sha256) not in _acknowledged(progress)
+
+
+def test_progress_lines_reach_the_file_at_once_and_are_synced_on_a_timer(
+    written: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed sender loses no acknowledgement (each line is flushed to the kernel before the next
+    instance is sent); fsync runs once per interval and at close, not per instance."""
+    import netrt.send as send
+
+    first, second, third = (send._read_instance(_destination(), Path(f)) for f in written["files"][:3])
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(send.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    progress = tmp_path / "progress.jsonl"
+    log = send._ProgressLog(progress, "pacs", sync_seconds=3600)
+    synced.clear()  # creating the file syncs its folder
+    log.record(first, 0)
+    log.record(second, 0)
+    # Another reader (the next attempt after a crash) sees both lines before any close or fsync.
+    assert send._acknowledged(progress) == {(i.sop_instance_uid, i.sha256) for i in (first, second)}
+    assert synced == []
+    log.close()
+    assert len(synced) == 1
+    eager = send._ProgressLog(tmp_path / "eager.jsonl", "pacs", sync_seconds=0)
+    synced.clear()
+    eager.record(third, 0)
+    assert len(synced) == 1  # the interval has passed: this line is synced as it is written
+    eager.close()
 
 
 @pytest.mark.parametrize(
