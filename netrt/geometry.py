@@ -389,14 +389,24 @@ def to_sitk_image(array: npt.ArrayLike, geom: ImageGeometry) -> sitk.Image:
         raise ValueError(f"array shape {data.shape} does not match the grid (slices, rows, columns) {geom.shape}")
     if data.dtype == np.bool_:
         data = data.astype(np.uint8)
+    return place_sitk_image(sitk.GetImageFromArray(np.ascontiguousarray(data)), geom)
+
+
+def place_sitk_image(sitk_image: sitk.Image, geom: ImageGeometry) -> sitk.Image:
+    """``sitk_image`` (of size ``geom.size``) with the origin, spacing and direction of ``geom``; returns it.
+
+    Raises:
+        ValueError: the image size is not ``geom.size``.
+    """
     # SimpleITK's SWIG methods carry no annotations; an Any handle keeps mypy --strict quiet here
     # without scattering ignores.
-    image: Any = sitk.GetImageFromArray(np.ascontiguousarray(data))
+    image: Any = sitk_image
+    if tuple(image.GetSize()) != tuple(geom.size):
+        raise ValueError(f"image size {image.GetSize()} does not match the grid (columns, rows, slices) {geom.size}")
     image.SetOrigin(tuple(float(v) for v in geom.origin))
     image.SetSpacing(geom.spacing)
     image.SetDirection(tuple(float(v) for v in geom.direction_matrix.ravel()))
-    result: sitk.Image = image
-    return result
+    return sitk_image
 
 
 def geometry_from_sitk(sitk_image: sitk.Image) -> ImageGeometry:

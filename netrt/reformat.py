@@ -33,8 +33,8 @@ smoothly between slices (shape-based interpolation), which is what the analytic 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ import numpy.typing as npt
 import SimpleITK as sitk
 
 from netrt.errors import NetrtError
-from netrt.geometry import ImageGeometry, affine, patient_to_index, to_sitk_image
+from netrt.geometry import ImageGeometry, affine, patient_to_index, place_sitk_image, to_sitk_image
 
 # SimpleITK's SWIG functions carry no annotations; calling them through an Any handle keeps
 # mypy --strict quiet without scattering ignores (the same device as in netrt.geometry).
@@ -161,41 +161,35 @@ def plane_geometry(source: ImageGeometry, plane: str, spacing_mm: float | None =
     )
 
 
-def _resample_into(
-    image: sitk.Image,
-    target: ImageGeometry,
-    out: npt.NDArray[Any],
-    interpolator: int,
-    default: float,
-    pixel_type: int,
-    threshold: tuple[str, float] | None = None,
-) -> None:
-    """Resample ``image`` onto ``target`` slab by slab, writing into ``out[slice, row, col]``.
+def _slab_bounds(target: ImageGeometry) -> list[tuple[int, int]]:
+    """``(first slice, slice count)`` of each slab of ``target`` resampled in one SimpleITK call."""
+    columns, rows, slices = target.size
+    per_slab = max(1, _SLAB_VOXELS // (columns * rows))
+    return [(first, min(per_slab, slices - first)) for first in range(0, slices, per_slab)]
 
-    ``threshold=("<", t)`` or ``(">=", t)`` stores the comparison instead of the value (masks).
+
+def _resampled_slabs(
+    image: sitk.Image, target: ImageGeometry, interpolator: int, default: float, pixel_type: int
+) -> Iterator[tuple[int, sitk.Image, npt.NDArray[Any]]]:
+    """Resample ``image`` onto ``target`` slab by slab (:func:`_slab_bounds`).
+
+    Yields ``(first slice, slab image, its array view [slice, row, col])``; the view borrows the
+    slab image's buffer, so it is valid while the slab image is referenced.
     """
     direction = tuple(float(v) for v in target.direction_matrix.ravel())
-    columns, rows, slices = target.size
+    columns, rows, _ = target.size
     resampler = _sitk.ResampleImageFilter()
     resampler.SetInterpolator(interpolator)
     resampler.SetDefaultPixelValue(float(default))
     resampler.SetOutputPixelType(pixel_type)
     resampler.SetOutputSpacing(target.spacing)
     resampler.SetOutputDirection(direction)
-    per_slab = max(1, _SLAB_VOXELS // (columns * rows))
-    for first in range(0, slices, per_slab):
-        count = min(per_slab, slices - first)
+    for first, count in _slab_bounds(target):
         slab_origin = target.origin + first * target.spacing[2] * target.normal
         resampler.SetOutputOrigin(tuple(float(v) for v in slab_origin))
         resampler.SetSize((columns, rows, count))
-        slab = resampler.Execute(image)  # keep a reference: the view below borrows its buffer
-        values = sitk.GetArrayViewFromImage(slab)
-        if threshold is None:
-            out[first : first + count] = values
-        elif threshold[0] == "<":
-            np.less(values, threshold[1], out=out[first : first + count])
-        else:
-            np.greater_equal(values, threshold[1], out=out[first : first + count])
+        slab: sitk.Image = resampler.Execute(image)
+        yield first, slab, sitk.GetArrayViewFromImage(slab)
 
 
 def _mask_box(mask: BoolArray, margin: int) -> tuple[slice, slice, slice] | None:
@@ -243,21 +237,24 @@ def _signed_distance(mask: BoolArray, geom: ImageGeometry) -> sitk.Image:
     factor 2 is left in.
     """
     image = to_sitk_image(mask, geom)
-    inside = _sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    outside = _sitk.SignedMaurerDistanceMap(
-        1 - image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    inside: Any = _sitk.SignedMaurerDistanceMap(
+        image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
     )
-    result: sitk.Image = _sitk.Subtract(inside, outside)
+    image = 1 - image  # the complement; one uint8 copy of the box alive at a time
+    outside = _sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    del image
+    inside -= outside  # in place (SimpleITK's operator-=): no third float map of the box
+    result: sitk.Image = inside
     return result
 
 
 @dataclass(frozen=True)
-class _MaskField:
-    """A mask prepared once for sampling onto any number of grids.
+class MaskField:
+    """A mask prepared once (:func:`prepare_mask`) for sampling onto any number of grids.
 
     ``kind`` is ``"empty"``, ``"full"`` (no background voxel: every grid inside the source is all
     True) or the interpolation method; ``region`` is the source sub-grid of the mask's bounding box
-    (plus a margin) and ``image`` what is sampled there.
+    (plus a margin) and ``image`` what is sampled there. The source mask itself is not kept.
     """
 
     kind: str
@@ -265,39 +262,81 @@ class _MaskField:
     image: sitk.Image | None = None
 
 
-def _mask_field(mask: BoolArray, source: ImageGeometry, method: str) -> _MaskField:
+def prepare_mask(mask: npt.ArrayLike, source: ImageGeometry, method: str = MASK_INTERPOLATION) -> MaskField:
+    """The mask (bool ``[slice, row, col]`` on ``source``) ready for :func:`reformat_slabs`.
+
+    Only the mask's bounding box (plus a margin) is kept, as a signed distance map for the default
+    method (see :func:`_resample_mask`); the caller may drop the mask afterwards.
+
+    Raises:
+        NetrtError: unknown method.
+        ValueError: the mask does not have the shape of ``source``.
+    """
     if method not in _MASK_METHODS:
         raise NetrtError(f"unknown mask interpolation {method!r}; expected one of {', '.join(_MASK_METHODS)}")
-    box = _mask_box(mask, _MASK_MARGIN)
+    mask_in = np.asarray(mask, dtype=bool)
+    if mask_in.shape != source.shape:
+        raise ValueError(f"mask shape {mask_in.shape} does not match the source grid {source.shape}")
+    box = _mask_box(mask_in, _MASK_MARGIN)
     if box is None:
-        return _MaskField("empty")
-    if bool(mask.all()):
-        return _MaskField("full")
+        return MaskField("empty")
+    if bool(mask_in.all()):
+        return MaskField("full")
     region = _sub_geometry(source, box)
     if method == "distance":
-        return _MaskField(method, region, _signed_distance(mask[box], region))
-    return _MaskField(method, region, to_sitk_image(mask[box], region))
+        return MaskField(method, region, _signed_distance(mask_in[box], region))
+    return MaskField(method, region, to_sitk_image(mask_in[box], region))
 
 
-def _sample_mask(field: _MaskField, target: ImageGeometry) -> BoolArray:
-    if field.kind == "full":
-        return np.ones(target.shape, dtype=bool)
-    out = np.zeros(target.shape, dtype=bool)
-    if field.region is None or field.image is None:
-        return out
-    target_box = _target_box(target, field.region)
-    if target_box is None:
-        return out
+def _mask_slabs(field: MaskField, target: ImageGeometry, bounds: Iterable[tuple[int, int]]) -> Iterator[BoolArray]:
+    """The mask on ``target`` slices ``[first, first + count)`` for each of ``bounds`` (consecutive, in order).
+
+    The mask is resampled over the target box that can hold True voxels only, in that box's own
+    slabs; each slab's samples are thresholded straight into the pieces of the requested ranges it
+    overlaps, so the values do not depend on ``bounds``.
+    """
+    _, rows, columns = target.shape
+    source_image = field.image if field.kind not in ("empty", "full") else None
+    target_box = None
+    if source_image is not None and field.region is not None:
+        target_box = _target_box(target, field.region)
+    if source_image is None or target_box is None:
+        for _, count in bounds:
+            yield np.full((count, rows, columns), field.kind == "full", dtype=bool)
+        return
+    box_k, box_rows, box_columns = target_box
     sub_target = _sub_geometry(target, target_box)
-    view = out[target_box]
     # Outside the region the mask is empty: the defaults read as "outside" for each method.
     if field.kind == "distance":
-        _resample_into(field.image, sub_target, view, sitk.sitkLinear, 1e6, sitk.sitkFloat32, ("<", _TIE_TOLERANCE_MM))
+        spec: tuple[int, float, int, str, float] = (sitk.sitkLinear, 1e6, sitk.sitkFloat32, "<", _TIE_TOLERANCE_MM)
     elif field.kind == "linear":
-        _resample_into(field.image, sub_target, view, sitk.sitkLinear, 0.0, sitk.sitkFloat32, (">=", 0.5))
+        spec = (sitk.sitkLinear, 0.0, sitk.sitkFloat32, ">=", 0.5)
     else:
-        _resample_into(field.image, sub_target, view, sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8, (">=", 0.5))
-    return out
+        spec = (sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8, ">=", 0.5)
+    interpolator, default, pixel_type, comparison, threshold = spec
+    slabs = _resampled_slabs(source_image, sub_target, interpolator, default, pixel_type)
+    current: tuple[int, sitk.Image, npt.NDArray[Any]] | None = None  # first slice in target, slab, values
+    for first, count in bounds:
+        out = np.zeros((count, rows, columns), dtype=bool)
+        low, high = max(first, box_k.start), min(first + count, box_k.stop)
+        while low < high:
+            if current is None or current[0] + current[2].shape[0] <= low:
+                sub_first, slab, values = next(slabs)
+                current = (box_k.start + sub_first, slab, values)
+            slab_first, _, values = current
+            stop = min(high, slab_first + values.shape[0])
+            piece = out[low - first : stop - first, box_rows, box_columns]
+            samples = values[low - slab_first : stop - slab_first]
+            if comparison == "<":
+                np.less(samples, threshold, out=piece)
+            else:
+                np.greater_equal(samples, threshold, out=piece)
+            low = stop
+        yield out
+
+
+def _sample_mask(field: MaskField, target: ImageGeometry) -> BoolArray:
+    return next(_mask_slabs(field, target, [(0, target.shape[0])]))
 
 
 def _resample_mask(
@@ -327,7 +366,88 @@ def _resample_mask(
     volume (a body outline), well under a second for ROI-sized boxes; :func:`reformat_planes`
     computes it once for both planes.
     """
-    return _sample_mask(_mask_field(mask, source, method), target)
+    return _sample_mask(prepare_mask(mask, source, method), target)
+
+
+@dataclass(frozen=True)
+class ReformatSource:
+    """A source image and its mask prepared once (:func:`prepare_source`) for any number of planes.
+
+    ``image`` is the volume as a SimpleITK image on ``geometry`` in modality units (any real pixel
+    type), ``background`` its minimum (air: the value of samples outside the source, only possible
+    through round-off at the edges), ``mask`` the prepared mask.
+    """
+
+    geometry: ImageGeometry
+    image: sitk.Image
+    background: float
+    mask: MaskField
+
+
+def prepare_source(
+    volume: npt.ArrayLike | sitk.Image, mask: npt.ArrayLike | MaskField, source: ImageGeometry
+) -> ReformatSource:
+    """``volume`` and ``mask`` on ``source`` ready for :func:`reformat_slabs`.
+
+    ``volume`` is an array ``[slice, row, col]`` in modality units (any real dtype; copied once
+    into SimpleITK as it is, int16 stays int16) or a SimpleITK image of ``source.size`` (used as
+    it is and placed on ``source``, e.g. from :func:`netrt.study.read_source_image`). ``mask`` is
+    a bool array on ``source`` or a :class:`MaskField` from :func:`prepare_mask`.
+
+    Raises:
+        ValueError: ``volume`` or ``mask`` does not have the shape of ``source``.
+    """
+    if isinstance(volume, sitk.Image):
+        image = place_sitk_image(volume, source)
+    else:
+        array = np.asarray(volume)
+        if array.shape != source.shape:
+            raise ValueError(f"volume shape {array.shape} does not match the source grid {source.shape}")
+        image = to_sitk_image(array, source)
+    prepared_mask = mask if isinstance(mask, MaskField) else prepare_mask(mask, source)
+    extremes: Any = _sitk.MinimumMaximumImageFilter()
+    extremes.Execute(image)
+    return ReformatSource(source, image, float(extremes.GetMinimum()), prepared_mask)
+
+
+@dataclass(frozen=True)
+class PlaneSlab:
+    """Consecutive slices ``first, first + 1, ...`` of a reformatted plane, as :func:`reformat_slabs` yields them.
+
+    ``image`` is float32 in modality units and ``mask`` bool, both ``[slice, row, col]`` with the
+    rows and columns of the plane's grid. ``image`` may be a view of a SimpleITK buffer that this
+    object keeps alive (``owner``); do not keep a slab longer than needed, that is the point.
+    """
+
+    first: int
+    image: Float32Array
+    mask: BoolArray
+    owner: object = field(default=None, repr=False, compare=False)
+
+
+def reformat_slabs(prepared: ReformatSource, target: ImageGeometry) -> Iterator[PlaneSlab]:
+    """The image and mask of ``prepared`` resampled onto ``target``, a few slices at a time.
+
+    Only one slab (:data:`_SLAB_VOXELS` output voxels) of image and mask exists at a time, so a
+    caller that writes each slab before asking for the next never holds the output volume. The
+    values are exactly those of :func:`reformat` on the same grid (it is built from these slabs).
+    ``target`` is normally :func:`plane_geometry` ``(prepared.geometry, plane, spacing_mm)``.
+    """
+    bounds = _slab_bounds(target)
+    masks = _mask_slabs(prepared.mask, target, bounds)
+    images = _resampled_slabs(prepared.image, target, sitk.sitkLinear, prepared.background, sitk.sitkFloat32)
+    for (first, slab, values), mask in zip(images, masks, strict=True):
+        yield PlaneSlab(first, values, mask, slab)
+
+
+def _gather(prepared: ReformatSource, plane: str, spacing_mm: float | None) -> PlaneVolume:
+    target = plane_geometry(prepared.geometry, plane, spacing_mm)
+    image = np.empty(target.shape, dtype=np.float32)
+    mask = np.empty(target.shape, dtype=bool)
+    for slab in reformat_slabs(prepared, target):
+        image[slab.first : slab.first + slab.image.shape[0]] = slab.image
+        mask[slab.first : slab.first + slab.mask.shape[0]] = slab.mask
+    return PlaneVolume(plane, target, image, mask)
 
 
 def _check_inputs(volume: npt.ArrayLike, mask: npt.ArrayLike, source: ImageGeometry) -> tuple[Any, BoolArray]:
@@ -339,22 +459,6 @@ def _check_inputs(volume: npt.ArrayLike, mask: npt.ArrayLike, source: ImageGeome
     return image_in, mask_in
 
 
-def _reformat_one(
-    image_in: Any, field: _MaskField | None, mask_in: BoolArray, source: ImageGeometry, plane: str,
-    spacing_mm: float | None, sitk_image: sitk.Image | None,
-) -> PlaneVolume:  # fmt: skip
-    if plane == "axial":
-        return PlaneVolume(plane, source, np.asarray(image_in, dtype=np.float32), mask_in)
-    target = plane_geometry(source, plane, spacing_mm)
-    image = np.empty(target.shape, dtype=np.float32)
-    if sitk_image is None:
-        sitk_image = to_sitk_image(image_in, source)
-    _resample_into(sitk_image, target, image, sitk.sitkLinear, float(image_in.min()), sitk.sitkFloat32)
-    if field is None:
-        field = _mask_field(mask_in, source, MASK_INTERPOLATION)
-    return PlaneVolume(plane, target, image, _sample_mask(field, target))
-
-
 def reformat(
     volume: npt.ArrayLike,
     mask: npt.ArrayLike,
@@ -362,7 +466,7 @@ def reformat(
     plane: str,
     spacing_mm: float | None = None,
 ) -> PlaneVolume:
-    """Image and mask of ``plane`` on :func:`plane_geometry` ``(source, plane, spacing_mm)``.
+    """Image and mask of ``plane`` on :func:`plane_geometry` ``(source, plane, spacing_mm)``, whole.
 
     ``volume`` is in modality units (any real dtype; int16 values are handed to SimpleITK as they
     are, not copied to float first), ``mask`` bool, both ``[slice, row, col]`` on ``source``. The
@@ -371,13 +475,19 @@ def reformat(
     distance map (see :func:`_resample_mask` for why and the measured accuracy). ``axial`` returns
     the inputs unresampled on ``source`` (as float32 / bool; no copy when they already are).
 
+    This holds the whole output volume (float32 + bool); to write a series, stream it instead with
+    :func:`prepare_source` + :func:`reformat_slabs`, which give the same values slab by slab.
+
     Raises:
         NetrtError: unknown plane or bad spacing.
         ValueError: ``volume`` or ``mask`` does not have the shape of ``source``.
     """
     _check_plane(plane)
     image_in, mask_in = _check_inputs(volume, mask, source)
-    return _reformat_one(image_in, None, mask_in, source, plane, spacing_mm, None)
+    if plane == "axial":
+        return PlaneVolume(plane, source, np.asarray(image_in, dtype=np.float32), mask_in)
+    plane_geometry(source, plane, spacing_mm)  # a bad spacing fails before any work
+    return _gather(prepare_source(image_in, mask_in, source), plane, spacing_mm)
 
 
 def reformat_planes(
@@ -397,8 +507,9 @@ def reformat_planes(
     for plane in planes:
         _check_plane(plane)
     image_in, mask_in = _check_inputs(volume, mask, source)
-    reformatted = [p for p in planes if p != "axial"]
-    sitk_image = to_sitk_image(image_in, source) if reformatted else None
-    field = _mask_field(mask_in, source, MASK_INTERPOLATION) if reformatted else None
+    prepared = prepare_source(image_in, mask_in, source) if any(p != "axial" for p in planes) else None
     for plane in planes:
-        yield _reformat_one(image_in, field, mask_in, source, plane, spacing_mm, sitk_image)
+        if plane == "axial" or prepared is None:
+            yield PlaneVolume(plane, source, np.asarray(image_in, dtype=np.float32), mask_in)
+        else:
+            yield _gather(prepared, plane, spacing_mm)

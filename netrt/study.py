@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import SimpleITK as sitk
 from pydicom import dcmread
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
@@ -60,11 +61,16 @@ from netrt.geometry import (
     check_slice_spacing,
     geometry_from_slices,
     orientation_vectors,
+    place_sitk_image,
     slice_positions,
     spatial_order,
 )
 
 FloatArray32 = npt.NDArray[np.float32]
+
+# SimpleITK's SWIG functions carry no annotations; an Any handle keeps mypy --strict quiet without
+# scattering ignores (the same device as in netrt.geometry and netrt.reformat).
+_sitk: Any = sitk
 FloatArray64 = npt.NDArray[np.float64]
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -1511,3 +1517,72 @@ def read_image_volume(series: ImageSeries) -> FloatArray32:
         weight = (k - below) / (above - below)
         volume[k] = (1.0 - weight) * volume[below] + weight * volume[above]
     return volume
+
+
+#: Received slices decoded into a buffer before it is pasted into the SimpleITK image of
+#: :func:`read_source_image`: SimpleITK's in-place paste costs ~1.3 ms a call whatever its size, so
+#: slice-by-slice pasting of 400 slices took 1.2 s against 0.17 s in chunks of 8 (measured).
+_PASTE_SLICES = 8
+
+_INT16 = np.iinfo(np.int16)
+
+
+def _exact_int16(values: npt.NDArray[Any]) -> npt.NDArray[np.int16] | None:
+    """``values`` as int16 when that changes none of them (integers within the int16 range), else None."""
+    if values.size == 0:
+        return values.astype(np.int16)
+    low, high = values.min(), values.max()
+    if not (_INT16.min <= low and high <= _INT16.max):  # also False for NaN
+        return None
+    candidate = values.astype(np.int16)
+    return candidate if np.array_equal(candidate, values) else None
+
+
+def read_source_image(series: ImageSeries) -> sitk.Image:
+    """The values of :func:`read_image_volume` as a SimpleITK image on ``series.geometry``, held once.
+
+    This is what the reformats resample. The image is filled in place a few slices at a time, so
+    the volume is never held twice (a numpy volume plus SimpleITK's copy of it), and its pixel type
+    is the smallest that holds every value exactly: int16 when every modality value is an integer in
+    the int16 range (CT in HU with the usual integer rescale: half the memory of float32), float32
+    otherwise (fractional rescale, wider values, or missing slices, which are interpolated exactly as
+    :func:`read_image_volume` does). Either way SimpleITK's linear interpolation reads the same
+    numbers as from the float32 volume, so the resampled values are identical.
+
+    Raises:
+        DicomInputError: a slice is missing, replaced, or its pixel data cannot be decoded (named).
+    """
+    slices, rows, columns = series.geometry.shape
+    compact = not series.missing_slices
+    image: Any = _sitk.Image([columns, rows, slices], sitk.sitkInt16 if compact else sitk.sitkFloat32)
+    buffer: npt.NDArray[Any] = np.empty((_PASTE_SLICES, rows, columns), dtype=np.int16 if compact else np.float32)
+    start, count = 0, 0
+
+    def flush() -> None:
+        if count:
+            image[:, :, start : start + count] = _sitk.GetImageFromArray(buffer[:count])
+
+    for k, path, sop_uid in zip(series.slice_indices, series.files, series.sop_instance_uids, strict=True):
+        values = _decode_slice(path, rows, columns, sop_uid)
+        exact = _exact_int16(values) if compact else None
+        if compact and exact is None:  # first value int16 cannot hold: float32 from here on
+            compact = False
+            image = _sitk.Cast(image, sitk.sitkFloat32)
+            buffer = buffer.astype(np.float32)
+        if count == _PASTE_SLICES or (count and k != start + count):
+            flush()
+            count = 0
+        if count == 0:
+            start = k
+        buffer[count] = exact if exact is not None else values
+        count += 1
+    flush()
+    for k in series.missing_slices:
+        below, above = series.received_neighbours(k)
+        weight = (k - below) / (above - below)
+        stored = _sitk.GetArrayViewFromImage(image)
+        blended = (1.0 - weight) * stored[below] + weight * stored[above]
+        del stored
+        image[:, :, k : k + 1] = _sitk.GetImageFromArray(blended[None])
+    result: sitk.Image = place_sitk_image(image, series.geometry)
+    return result
