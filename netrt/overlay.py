@@ -26,19 +26,28 @@ a temporary name and renamed, so a reader (or a C-STORE sender) never sees half 
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from pydicom import dcmread
-from pydicom.charset import convert_encodings
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filewriter import dcmwrite
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import (
+    correct_ambiguous_vr,
+    dcmwrite,
+    write_data_element,
+    write_dataset,
+    write_file_meta_info,
+)
 from pydicom.pixels.utils import pack_bits
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
@@ -47,7 +56,7 @@ from pydicom.valuerep import format_number_as_ds
 from netrt.burnin import burn, burn_value, first_value, outline, stored_range
 from netrt.errors import DicomInputError, NetrtError
 from netrt.geometry import ImageGeometry
-from netrt.reformat import PLANES, PlaneVolume
+from netrt.reformat import PLANES, PlaneSlab, PlaneVolume
 from netrt.uids import checked_uid, derived_uid
 
 BoolArray = npt.NDArray[np.bool_]
@@ -439,7 +448,7 @@ def write_axial_series(
 
 
 def _reformat_template(
-    template_file: Path, plane: PlaneVolume, settings: SeriesSettings, burn_in: bool
+    template_file: Path, plane: str, geometry: ImageGeometry, settings: SeriesSettings, burn_in: bool
 ) -> tuple[Dataset, _PixelFormat, str]:
     """The dataset every slice of a reformatted series starts from, its pixel format and series UID."""
     path = Path(template_file)
@@ -458,11 +467,10 @@ def _reformat_template(
     _drop_repeating_groups(ds)
     _delete(ds, _REFORMAT_DROP)
 
-    geometry: ImageGeometry = plane.geometry
     columns, rows, _ = geometry.size
-    series_uid = output_series_uid(source_series, plane.plane, settings.settings_key, burn_in)
-    _set_series(ds, settings, series_uid, plane.plane, burn_in)
-    ds.DerivationDescription = _derivation(plane.plane, source_series, settings, burn_in)
+    series_uid = output_series_uid(source_series, plane, settings.settings_key, burn_in)
+    _set_series(ds, settings, series_uid, plane, burn_in)
+    ds.DerivationDescription = _derivation(plane, source_series, settings, burn_in)
     ds.ImageOrientationPatient = _ds_strings([*geometry.row_direction, *geometry.column_direction])
     ds.PixelSpacing = _ds_strings([geometry.spacing[1], geometry.spacing[0]])
     ds.SliceThickness = _ds_strings([geometry.spacing[2]])[0]
@@ -476,6 +484,186 @@ def _reformat_template(
     _add_overlay_module(ds, rows, columns, settings.roi_label)
     ds.add_new(TAG_PIXEL_DATA, "OB" if fmt.bits_allocated == 8 else "OW", b"")
     return ds, fmt, series_uid
+
+
+#: The elements that differ between the slices of a reformatted series (see :func:`_set_slice`).
+_SLICE_TAGS = (0x00080018, 0x00200013, 0x00200032, TAG_OVERLAY_DATA, TAG_PIXEL_DATA)
+
+
+def _set_slice(
+    ds: Dataset, series_uid: str, index: int, position: Iterable[float], stored: npt.NDArray[Any], mask: BoolArray
+) -> None:
+    """Make ``ds`` slice ``index``: SOP Instance UID, InstanceNumber, ImagePositionPatient, overlay, pixels."""
+    ds.ImagePositionPatient = _ds_strings(position)
+    ds[TAG_PIXEL_DATA].value = stored.tobytes()
+    _set_overlay(ds, mask)
+    _set_instance(ds, output_instance_uid(series_uid, index), index + 1)
+
+
+@dataclass(frozen=True)
+class _SliceEncoder:
+    """The file bytes of one series' slices, with the constant elements encoded once.
+
+    A slice file is what ``dcmwrite(path, ds, enforce_file_format=True)`` writes for the template
+    after :func:`_set_slice`: preamble, ``DICM``, the File Meta Information (encoded per slice:
+    its group length depends on the SOP Instance UID) and the data set in tag order. The data set
+    is cut at the :data:`_SLICE_TAGS`; the runs of elements between them never change and are
+    encoded once, by pydicom's own ``write_dataset``, and only the five slice elements are encoded
+    per slice (``write_data_element``). ``tests/test_overlay.py`` checks the bytes against
+    ``dcmwrite`` slice for slice.
+    """
+
+    ds: Dataset
+    runs: tuple[bytes, ...]  # len(_SLICE_TAGS) + 1 runs around the slice elements
+    encodings: str | list[str]
+
+
+def _encoder(ds: Dataset) -> _SliceEncoder:
+    """Prepare ``ds`` (already holding every slice element, see :func:`_set_slice`) for :func:`_encode`.
+
+    Every element is decoded and its VR made unambiguous first, so that an element encodes to the
+    same bytes alone as within the whole data set (``dcmwrite`` does the same conversion whenever
+    the source's encoding or character set differs from the output's).
+    """
+    missing = [f"({tag >> 16:04X},{tag & 0xFFFF:04X})" for tag in _SLICE_TAGS if tag not in ds]
+    if missing:
+        raise ValueError(f"the template lacks slice elements {', '.join(missing)}")
+    for tag in list(ds.keys()):
+        ds[tag]  # RawDataElement -> DataElement, in the data set's own character set
+    correct_ambiguous_vr(ds, True)
+    encodings = ds.get("SpecificCharacterSet", default_encoding)
+    runs: list[bytes] = []
+    tags = sorted(ds.keys())
+    for low, high in pairwise([-1, *_SLICE_TAGS, 0x100000000]):
+        part = Dataset()
+        for tag in tags:
+            if low < tag < high:
+                part.add(ds[tag])
+        buffer = _buffer()
+        write_dataset(buffer, part, encodings)
+        runs.append(buffer.getvalue())
+    return _SliceEncoder(ds, tuple(runs), encodings)
+
+
+def _buffer() -> DicomBytesIO:
+    """An empty Explicit VR Little Endian buffer (the encoding of every file NETRT writes here)."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    return buffer
+
+
+def _encode(encoder: _SliceEncoder) -> list[bytes]:
+    """The file of the encoder's data set as it stands (after :func:`_set_slice`), in pieces."""
+    ds = encoder.ds
+    meta = _buffer()
+    write_file_meta_info(meta, copy.copy(ds.file_meta), enforce_standard=True)
+    pieces = [_PREAMBLE, meta.getvalue(), encoder.runs[0]]
+    for tag, run in zip(_SLICE_TAGS, encoder.runs[1:], strict=True):
+        element = _buffer()
+        write_data_element(element, ds[tag], encoder.encodings)
+        pieces += [element.getvalue(), run]
+    return pieces
+
+
+#: Preamble and prefix of a DICOM file (``dcmwrite`` writes 128 zero bytes when there is none).
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _save_bytes(pieces: Sequence[bytes], sop_instance_uid: str, out_dir: Path) -> Path:
+    """Write ``pieces`` as ``<out_dir>/<uid>.dcm`` via a temporary name and a rename (as :func:`_save`)."""
+    uid = checked_uid(sop_instance_uid, "output SOPInstanceUID")
+    final = out_dir / f"{uid}.dcm"
+    temporary = out_dir / f".{uid}.dcm.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.writelines(pieces)
+        os.replace(temporary, final)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return final
+
+
+@dataclass(frozen=True)
+class SeriesOutput:
+    """One series to write from a reformatted plane: its folder, settings and burn-in flag."""
+
+    out_dir: Path
+    settings: SeriesSettings
+    burn_in: bool = False
+
+
+@dataclass
+class _SeriesWriter:
+    out_dir: Path
+    burn_in: bool
+    series_uid: str
+    encoder: _SliceEncoder
+    written: list[Path]
+
+
+def write_reformatted_slabs(
+    plane: str,
+    geometry: ImageGeometry,
+    slabs: Iterable[PlaneSlab],
+    template_file: Path,
+    outputs: Sequence[SeriesOutput],
+) -> list[list[Path]]:
+    """Write coronal or sagittal overlay series slab by slab, as :func:`netrt.reformat.reformat_slabs` yields them.
+
+    Each slab is written (to every series in ``outputs``, e.g. plain and burn-in) before the next
+    is asked for, so the reformatted volume is never held. The files are those of
+    :func:`write_reformatted_series` (see there) for the same values. Returns the written files of
+    each output, in slice order.
+
+    Raises:
+        NetrtError: ``plane`` is axial (write that with :func:`write_axial_series`).
+        DicomInputError: the template is unreadable, colour, multi-frame or lacks a required tag.
+        ValueError: the slabs are not consecutive from slice 0, do not match the grid, or do not
+            cover it.
+    """
+    if plane not in PLANES or plane == "axial":
+        raise NetrtError(f"write_reformatted_slabs writes coronal/sagittal planes, not {plane!r}")
+    slices, rows, columns = geometry.shape
+    step = geometry.spacing[2] * geometry.normal
+    writers: list[_SeriesWriter] = []
+    fmt: _PixelFormat | None = None
+    for output in outputs:
+        ds, fmt, series_uid = _reformat_template(Path(template_file), plane, geometry, output.settings, output.burn_in)
+        _set_slice(
+            ds, series_uid, 0, geometry.origin, np.zeros((rows, columns), fmt.dtype), np.zeros((rows, columns), bool)
+        )
+        out_dir = Path(output.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writers.append(_SeriesWriter(out_dir, output.burn_in, series_uid, _encoder(ds), []))
+    expected = 0
+    for slab in slabs:
+        if slab.first != expected or slab.image.shape[1:] != (rows, columns) or slab.mask.shape != slab.image.shape:
+            raise ValueError(
+                f"slab at slice {slab.first} with image {slab.image.shape} / mask {slab.mask.shape} does not continue "
+                f"slice {expected} of the grid {geometry.shape}"
+            )
+        expected += slab.image.shape[0]
+        if expected > slices:
+            raise ValueError(f"slabs run past the {slices} slices of the grid")
+        if fmt is None:
+            continue
+        stored_slab = fmt.to_stored(slab.image)
+        for offset in range(slab.image.shape[0]):
+            index = slab.first + offset
+            mask_slice = np.ascontiguousarray(slab.mask[offset])
+            for writer in writers:
+                stored = stored_slab[offset]
+                if writer.burn_in:
+                    stored = _burned(writer.encoder.ds, stored, mask_slice, fmt)
+                _set_slice(
+                    writer.encoder.ds, writer.series_uid, index, geometry.origin + index * step, stored, mask_slice
+                )
+                pieces = _encode(writer.encoder)
+                writer.written.append(_save_bytes(pieces, writer.encoder.ds.SOPInstanceUID, writer.out_dir))
+    if expected != slices:
+        raise ValueError(f"slabs cover {expected} of the {slices} slices of the grid")
+    return [writer.written for writer in writers]
 
 
 def write_reformatted_series(
@@ -505,19 +693,6 @@ def write_reformatted_series(
         raise ValueError(
             f"plane image {plane.image.shape} / mask {plane.mask.shape} do not match the grid {geometry.shape}"
         )
-    ds, fmt, series_uid = _reformat_template(Path(template_file), plane, settings, burn_in)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    step = geometry.spacing[2] * geometry.normal
-    written: list[Path] = []
-    for index in range(geometry.shape[0]):
-        mask_slice = np.ascontiguousarray(plane.mask[index])
-        stored = fmt.to_stored(plane.image[index])
-        if burn_in:
-            stored = _burned(ds, stored, mask_slice, fmt)
-        ds.ImagePositionPatient = _ds_strings(geometry.origin + index * step)
-        ds[TAG_PIXEL_DATA].value = stored.tobytes()
-        _set_overlay(ds, mask_slice)
-        _set_instance(ds, output_instance_uid(series_uid, index), index + 1)
-        written.append(_save(ds, out_dir))
-    return written
+    whole = PlaneSlab(0, plane.image, plane.mask)
+    output = SeriesOutput(Path(out_dir), settings, burn_in)
+    return write_reformatted_slabs(plane.plane, geometry, [whole], Path(template_file), [output])[0]

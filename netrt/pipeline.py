@@ -28,10 +28,16 @@ from netrt.anonymize import anonymize_study
 from netrt.config import AnonymizationConfig, ProcessingConfig
 from netrt.fileio import atomic_output
 from netrt.masks import MergedMask, RoiReport, build_merged_mask, ignored_names, kept_names
-from netrt.overlay import SeriesSettings, output_series_uid, write_axial_series, write_reformatted_series
+from netrt.overlay import (
+    SeriesOutput,
+    SeriesSettings,
+    output_series_uid,
+    write_axial_series,
+    write_reformatted_slabs,
+)
 from netrt.preview import Preview, render_preview
-from netrt.reformat import reformat
-from netrt.study import ImageSeries, ImagesOnlyStudy, LoadedStudy, load_study, read_image_volume
+from netrt.reformat import plane_geometry, prepare_mask, prepare_source, reformat_slabs
+from netrt.study import ImageSeries, ImagesOnlyStudy, LoadedStudy, load_study, read_image_volume, read_source_image
 
 # SimpleITK's SWIG functions carry no annotations; an Any handle keeps mypy --strict quiet without
 # scattering ignores (the same device as in netrt.geometry and netrt.reformat).
@@ -107,7 +113,8 @@ def load_mask(path: Path) -> npt.NDArray[np.bool_]:
     with np.load(path) as data:
         shape = tuple(int(n) for n in data["shape"])
         count = int(np.prod(shape))
-        return np.unpackbits(data["bits"], count=count).astype(bool).reshape(shape)
+        # unpackbits gives 0/1 bytes: viewed as bool, not copied (a second mask-sized array at the peak)
+        return np.unpackbits(data["bits"], count=count).view(np.bool_).reshape(shape)
 
 
 def _slice_signed_distance(mask_slice: npt.NDArray[np.bool_], spacing: tuple[float, float]) -> npt.NDArray[np.float32]:
@@ -193,27 +200,32 @@ def write_plane(
     no invented image for a missing slice. Coronal and sagittal sample the whole uniform grid.
     """
     mask = load_mask(masks.mask_path)
-    if plane == "axial":
-        received = mask[list(study.images.slice_indices)]
-
-        def write(folder: Path, settings: SeriesSettings, burn_in: bool) -> list[Path]:
-            return write_axial_series(study.images.files, received, folder, settings, burn_in=burn_in)
-
-    else:
-        volume = read_image_volume(study.images)
-        planar = reformat(volume, mask, study.images.geometry, plane, processing.reformat_spacing_mm)
-        del volume
-
-        def write(folder: Path, settings: SeriesSettings, burn_in: bool) -> list[Path]:
-            return write_reformatted_series(planar, study.images.files[0], folder, settings, burn_in=burn_in)
-
-    written = []
+    outputs = []
     for burn_in in [False, True] if processing.burn_in else [False]:
         settings = series_settings(processing, plane, masks.kept, burn_in)
         folder = work_dir / "series" / f"{plane}{'-burn-in' if burn_in else ''}"
-        files = write(folder, settings, burn_in)
-        series_uid = output_series_uid(study.images.series_instance_uid, plane, settings.settings_key, burn_in)
-        written.append(WrittenSeries(plane, burn_in, series_uid, folder, tuple(files)))
+        outputs.append(SeriesOutput(folder, settings, burn_in))
+    if plane == "axial":
+        received = mask[list(study.images.slice_indices)]
+        del mask
+        files = [write_axial_series(study.images.files, received, o.out_dir, o.settings, o.burn_in) for o in outputs]
+    else:
+        # Streamed: the mask is reduced to its bounding box's distance map before the source image
+        # is read, the image is read once into SimpleITK, and each slab of the plane is written to
+        # every series before the next is resampled, so the output volume is never held.
+        geometry = study.images.geometry
+        mask_field = prepare_mask(mask, geometry)
+        del mask
+        source = prepare_source(read_source_image(study.images), mask_field, geometry)
+        target = plane_geometry(geometry, plane, processing.reformat_spacing_mm)
+        slabs = reformat_slabs(source, target)
+        files = write_reformatted_slabs(plane, target, slabs, study.images.files[0], outputs)
+    written = []
+    for output, series_files in zip(outputs, files, strict=True):
+        series_uid = output_series_uid(
+            study.images.series_instance_uid, plane, output.settings.settings_key, output.burn_in
+        )
+        written.append(WrittenSeries(plane, output.burn_in, series_uid, output.out_dir, tuple(series_files)))
     return written
 
 

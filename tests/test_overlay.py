@@ -4,28 +4,48 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, RLELossless
 
+from netrt import reformat as reformat_module
 from netrt.burnin import burn, burn_value, outline, stored_range
 from netrt.errors import DicomInputError, NetrtError
 from netrt.geometry import ImageGeometry, geometry_from_slices
 from netrt.overlay import (
+    SeriesOutput,
     SeriesSettings,
+    _encode,
+    _encoder,
     _PixelFormat,
+    _reformat_template,
+    _set_slice,
     output_instance_uid,
     output_series_uid,
     series_description,
     write_axial_series,
     write_reformatted_series,
+    write_reformatted_slabs,
 )
 from netrt.phantom import PhantomManifest, PhantomSpec, roi_contains, truth_masks, write_phantom
-from netrt.reformat import PlaneVolume, reformat
+from netrt.reformat import (
+    PlaneSlab,
+    PlaneVolume,
+    _resample_mask,
+    plane_geometry,
+    prepare_mask,
+    prepare_source,
+    reformat,
+    reformat_slabs,
+)
+from netrt.study import load_study, read_image_volume, read_source_image
 from tests.conftest import require_tool
 
 OVERLAY = 0x6000
@@ -466,3 +486,92 @@ def test_roi_names_the_images_charset_cannot_spell_switch_the_copy_to_utf8(
     # A name Latin-1 can spell leaves the character set as it was.
     plain = write_axial_series(files[:1], mask[:1], tmp_path / "plain", SETTINGS)
     assert dcmread(plain[0]).SpecificCharacterSet == "ISO_IR 100"
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: the pipeline's slab-by-slab path writes the files of the whole-volume path
+
+
+@pytest.mark.parametrize("which", ["axial-study", "oblique-reversed-study"])
+@pytest.mark.parametrize("plane", ["coronal", "sagittal"])
+def test_streamed_series_are_byte_identical_to_the_whole_volume_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, study: Study, oblique_study: Study, which: str, plane: str
+) -> None:
+    """What ``write_plane`` does (source read into SimpleITK as int16, mask reduced to its distance
+    map, slabs resampled and written one at a time, plain and burn-in in one pass) against
+    ``reformat`` of the float32 volume + ``write_reformatted_series``: the same bytes, file for file.
+    Slabs are made a few slices thin so that the image slabs, the mask's own slabs and the series
+    all cut at different slices."""
+    current = study if which == "axial-study" else oblique_study
+    monkeypatch.setattr(reformat_module, "_SLAB_VOXELS", 6000)
+    images = load_study([*current.manifest.image_files, current.manifest.rtstruct_file]).images
+    geometry = images.geometry
+    target = plane_geometry(geometry, plane)
+    assert len(reformat_module._slab_bounds(target)) > 3
+    source_image = read_source_image(images)
+    assert source_image.GetPixelID() == sitk.sitkInt16  # integer HU: the compact type
+    prepared = prepare_source(source_image, prepare_mask(current.mask, geometry), geometry)
+    outputs = [SeriesOutput(tmp_path / "plain", SETTINGS), SeriesOutput(tmp_path / "burn", SETTINGS, burn_in=True)]
+    streamed = write_reformatted_slabs(plane, target, reformat_slabs(prepared, target), images.files[0], outputs)
+
+    image = reformat(read_image_volume(images), current.mask, geometry, plane).image
+    # The mask in one piece (not cut where the image slabs are): its slab assembly is checked too.
+    whole = PlaneVolume(plane, target, image, _resample_mask(current.mask, geometry, target))
+    for output, files in zip(outputs, streamed, strict=True):
+        reference = write_reformatted_series(
+            whole, images.files[0], tmp_path / f"ref-{output.out_dir.name}", SETTINGS, output.burn_in
+        )
+        assert len(files) == len(reference) == target.shape[0]
+        for a, b in zip(files, reference, strict=True):
+            assert a.name == b.name
+            assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_streamed_writer_refuses_slabs_that_do_not_tile_the_grid(tmp_path: Path, study: Study) -> None:
+    plane = study.planes["coronal"]
+    n = plane.geometry.shape[0]
+    output = [SeriesOutput(tmp_path / "out", SETTINGS)]
+    template = study.manifest.image_files[0]
+
+    def slab(first: int, stop: int) -> PlaneSlab:
+        return PlaneSlab(first, plane.image[first:stop], plane.mask[first:stop])
+
+    with pytest.raises(ValueError, match="does not continue slice 2"):
+        write_reformatted_slabs("coronal", plane.geometry, [slab(0, 2), slab(3, n)], template, output)
+    with pytest.raises(ValueError, match=f"cover {n - 1} of the {n} slices"):
+        write_reformatted_slabs("coronal", plane.geometry, [slab(0, n - 1)], template, output)
+    with pytest.raises(NetrtError, match="coronal/sagittal"):
+        write_reformatted_slabs("axial", plane.geometry, [slab(0, n)], template, output)
+
+
+@pytest.mark.parametrize("source_kind", ["as-written", "implicit-latin1-utf8-label"])
+def test_pre_encoded_slices_are_what_dcmwrite_writes(tmp_path: Path, study: Study, source_kind: str) -> None:
+    """The constant element runs are encoded once; every slice file must still be, byte for byte,
+    what ``dcmwrite(enforce_file_format=True)`` writes for the data set of that slice -- also for an
+    Implicit VR Latin-1 source whose copy switches to UTF-8 for the label."""
+    template = study.manifest.image_files[0]
+    settings = SETTINGS
+    if source_kind != "as-written":
+        ds = dcmread(template)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Müller^Jörg"
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        template = tmp_path / "implicit.dcm"
+        ds.save_as(template, implicit_vr=True, little_endian=True, enforce_file_format=True)
+        settings = SeriesSettings(SETTINGS.description, SETTINGS.series_number, "NETRT: Ωmega", SETTINGS.settings_key)
+    plane = study.planes["sagittal"]
+    geometry = plane.geometry
+    step = geometry.spacing[2] * geometry.normal
+    for burn_in in (False, True):
+        ds, fmt, series_uid = _reformat_template(template, "sagittal", geometry, settings, burn_in)
+        blank = np.zeros(geometry.shape[1:], bool)
+        _set_slice(ds, series_uid, 0, geometry.origin, blank.astype(fmt.dtype), blank)
+        encoder = _encoder(ds)
+        for index in (0, 1, geometry.shape[0] // 2, geometry.shape[0] - 1):
+            stored = fmt.to_stored(plane.image[index])
+            _set_slice(ds, series_uid, index, geometry.origin + index * step, stored, plane.mask[index])
+            expected = BytesIO()
+            dcmwrite(expected, ds, enforce_file_format=True)
+            assert b"".join(_encode(encoder)) == expected.getvalue(), (burn_in, index)
+        if source_kind != "as-written":
+            assert ds.SpecificCharacterSet == "ISO_IR 192"
