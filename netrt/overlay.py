@@ -20,7 +20,11 @@ in any viewer, and that re-processing a study replaces its output instead of dup
   representation with the source's rescale and written uncompressed (Explicit VR Little Endian).
 
 Speed: a series is written by mutating ONE dataset slice after slice (UIDs, position, pixel and
-overlay bytes) and saving it each time; nothing is deep-copied per slice. Files are written under
+overlay bytes) and saving it each time; nothing is deep-copied per slice. For the reformatted
+series the elements that never change are encoded once, by pydicom's own ``write_dataset``, and
+only the five slice elements per slice (:class:`_SliceEncoder`; the bytes are those ``dcmwrite``
+writes, which a test checks). They are written slab by slab as the reformat produces them
+(:func:`write_reformatted_slabs`), so the reformatted volume is never held. Files are written under
 a temporary name and renamed, so a reader (or a C-STORE sender) never sees half a file.
 """
 

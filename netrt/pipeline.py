@@ -197,7 +197,10 @@ def write_plane(
 
     The axial series is the received images again with their pixels untouched, so it takes the mask
     rows of the received slices only (``slice_indices``): one output image per received image, and
-    no invented image for a missing slice. Coronal and sagittal sample the whole uniform grid.
+    no invented image for a missing slice. Coronal and sagittal sample the whole uniform grid and
+    are streamed (:func:`netrt.reformat.reformat_slabs` into
+    :func:`netrt.overlay.write_reformatted_slabs`): the source is held once, as int16 where that is
+    exact, and of the output only one slab of image and mask at a time.
     """
     mask = load_mask(masks.mask_path)
     outputs = []
