@@ -323,10 +323,16 @@ def _read_instance(path: Path) -> _Instance:
     """
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_SCAN_KEYWORDS))
+        # pydicom converts values when they are first read, so a corrupt value (e.g. an unknown VR
+        # in ImageType) raises here, not in dcmread.
+        return _instance_of(ds, path)
     except InvalidDicomError as exc:
         raise DicomInputError("not a DICOM file (no 'DICM' marker after the 128-byte preamble)", path=path) from exc
     except Exception as exc:  # pydicom raises many types on garbage; all mean "unreadable"
         raise DicomInputError(f"cannot be read as DICOM: {type(exc).__name__}: {exc}", path=path) from exc
+
+
+def _instance_of(ds: Dataset, path: Path) -> _Instance:
     sop_class = _text(ds, "SOPClassUID") or _text(ds.file_meta, "MediaStorageSOPClassUID")
     image_type = ds.get("ImageType")
     if image_type is None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
@@ -181,6 +181,9 @@ def test_mutated_dicom_never_crashes_the_store_handler_or_the_loader(
     @given(mutations(sources))
     def fuzz(case: tuple[int, bytes]) -> None:
         index, body = case
+        # A data set that opens with a group 0002 element cannot be sent from a Part 10 file as it
+        # is: the sender's reader takes that element as part of the file meta and sends the rest.
+        assume(not body.startswith(b"\x02\x00"))
         status = _check_store(node, sources[index], body, next(counter))
         loaded = _check_load(node, sources, index, body)
         key = f"store 0x{status:04X} / load {loaded}"

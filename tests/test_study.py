@@ -342,6 +342,19 @@ def test_unreadable_file_given_to_load_study(phantom: PhantomManifest) -> None:
     assert "not a DICOM file" in str(error)
 
 
+def test_unknown_vr_in_a_scanned_tag_names_the_file(phantom: PhantomManifest) -> None:
+    """Found by tests/test_fuzz.py: ImageType with the unknown VR 'BS' raised NotImplementedError from
+    pydicom's lazy value conversion, outside the loader's read guard."""
+    victim = sorted((phantom.out_dir / "dicom").glob("CT_*.dcm"))[3]
+    data = victim.read_bytes()
+    image_type = b"\x08\x00\x08\x00CS"
+    assert data.count(image_type) == 1
+    victim.write_bytes(data.replace(image_type, b"\x08\x00\x08\x00BS"))
+    error = load_expecting(DicomInputError, phantom.out_dir / "dicom")
+    assert error.path == victim
+    assert "Unknown Value Representation 'BS'" in str(error)
+
+
 def test_mixed_frames_of_reference_in_series(phantom: PhantomManifest) -> None:
     odd = phantom.image_files[4]
     edit(odd, lambda ds: setattr(ds, "FrameOfReferenceUID", generate_uid()))
