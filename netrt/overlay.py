@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -278,22 +278,27 @@ def _set_instance(ds: Dataset, sop_instance: str, instance_number: int) -> None:
     ds.InstanceNumber = instance_number
 
 
-def _save(ds: Dataset, out_dir: Path) -> Path:
-    """Write ``ds`` as ``<out_dir>/<SOPInstanceUID>.dcm`` via a temporary name and a rename.
+def _save_as(out_dir: Path, sop_instance_uid: str, write: Callable[[BinaryIO], object]) -> Path:
+    """Write ``<out_dir>/<SOPInstanceUID>.dcm`` with ``write`` via a temporary name and a rename.
 
     No fsync: the output is derived and re-created by re-running the flow, unlike received data.
     """
-    uid = checked_uid(ds.SOPInstanceUID, "output SOPInstanceUID")
+    uid = checked_uid(sop_instance_uid, "output SOPInstanceUID")
     final = out_dir / f"{uid}.dcm"
     temporary = out_dir / f".{uid}.dcm.tmp"
     try:
         with open(temporary, "wb") as handle:
-            dcmwrite(handle, ds, enforce_file_format=True)
+            write(handle)
         os.replace(temporary, final)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     return final
+
+
+def _save(ds: Dataset, out_dir: Path) -> Path:
+    """Write ``ds`` as ``<out_dir>/<SOPInstanceUID>.dcm`` (see :func:`_save_as`)."""
+    return _save_as(out_dir, ds.SOPInstanceUID, lambda handle: dcmwrite(handle, ds, enforce_file_format=True))
 
 
 @dataclass(frozen=True)
@@ -574,18 +579,8 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
 def _save_bytes(pieces: Sequence[bytes], sop_instance_uid: str, out_dir: Path) -> Path:
-    """Write ``pieces`` as ``<out_dir>/<uid>.dcm`` via a temporary name and a rename (as :func:`_save`)."""
-    uid = checked_uid(sop_instance_uid, "output SOPInstanceUID")
-    final = out_dir / f"{uid}.dcm"
-    temporary = out_dir / f".{uid}.dcm.tmp"
-    try:
-        with open(temporary, "wb") as handle:
-            handle.writelines(pieces)
-        os.replace(temporary, final)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return final
+    """Write ``pieces`` as ``<out_dir>/<uid>.dcm`` (see :func:`_save_as`)."""
+    return _save_as(out_dir, sop_instance_uid, lambda handle: handle.writelines(pieces))
 
 
 @dataclass(frozen=True)
