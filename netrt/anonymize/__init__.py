@@ -43,7 +43,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from netrt.anonymize.dataset import (
@@ -86,13 +85,28 @@ __all__ = [
 
 IMPLEMENTATION_VERSION_NAME = "NETRT"
 DEIDENTIFICATION_METHOD = f"NETRT: PS3.15 E.1-1 Basic Profile, DICOM {BASIC_PROFILE_EDITION}"
-_OPTION_CODES = {
-    "modified_dates": codes.DCM.RetainLongitudinalTemporalInformationModifiedDatesOption,
-    "patient_characteristics": codes.DCM.RetainPatientCharacteristicsOption,
-    "device_identity": codes.DCM.RetainDeviceIdentityOption,
-    "institution_identity": codes.DCM.RetainInstitutionIdentityOption,
-    "clean_descriptors": codes.DCM.CleanDescriptorsOption,
+#: CID 7050 code (pydicom ``codes.DCM`` name) of each option NETRT can apply.
+_OPTION_CODE_NAMES = {
+    "modified_dates": "RetainLongitudinalTemporalInformationModifiedDatesOption",
+    "patient_characteristics": "RetainPatientCharacteristicsOption",
+    "device_identity": "RetainDeviceIdentityOption",
+    "institution_identity": "RetainInstitutionIdentityOption",
+    "clean_descriptors": "CleanDescriptorsOption",
+    "safe_private": "RetainSafePrivateOption",
+    "profile": "BasicApplicationConfidentialityProfile",
 }
+
+
+def _code(name: str) -> Any:
+    """The CID 7050 code of an option (or ``"profile"``).
+
+    pydicom's code dictionary is imported here, not at module level: it takes 0.6 s to import (its
+    concept tables), which every flow-run process and ``netrt`` command would pay up front, also
+    with anonymization off.
+    """
+    from pydicom.sr.codedict import codes
+
+    return getattr(codes.DCM, _OPTION_CODE_NAMES[name])
 _PATIENT_TAGS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
 
 
@@ -343,10 +357,10 @@ def _code_item(code: Any) -> Dataset:
 
 def _mark_deidentified(ds: Dataset, plan: FullPlan, safe_private: bool) -> None:
     """PatientIdentityRemoved, DeidentificationMethod (+ Code Sequence) and LongitudinalTemporalInformationModified."""
-    used = [codes.DCM.BasicApplicationConfidentialityProfile]
-    used += [_OPTION_CODES[o] for o in sorted(plan.options)]
+    used = [_code("profile")]
+    used += [_code(o) for o in sorted(plan.options)]
     if safe_private:
-        used.append(codes.DCM.RetainSafePrivateOption)
+        used.append(_code("safe_private"))
     ds.PatientIdentityRemoved = "YES"
     methods = [str(v) for v in values_of(ds.get("DeidentificationMethod")) if str(v)]
     for text in [DEIDENTIFICATION_METHOD, *(str(code.meaning)[:64] for code in used[1:])]:
@@ -419,9 +433,9 @@ def _anonymize_full(paths: list[Path], out_dir: Path, config: AnonymizationConfi
 
 
 def _full_actions(plan: FullPlan, written: int, given: int, mapping: Path | None) -> tuple[str, ...]:
-    meanings = [str(_OPTION_CODES[o].meaning) for o in sorted(plan.options)]
+    meanings = [str(_code(o).meaning) for o in sorted(plan.options)]
     if plan.safe_private:
-        meanings.append(str(codes.DCM.RetainSafePrivateOption.meaning))
+        meanings.append(str(_code("safe_private").meaning))
     counts: Counter[str] = plan.counts
     done = ", ".join(
         f"{counts[what]} {what}"
