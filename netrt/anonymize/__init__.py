@@ -107,6 +107,8 @@ def _code(name: str) -> Any:
     from pydicom.sr.codedict import codes
 
     return getattr(codes.DCM, _OPTION_CODE_NAMES[name])
+
+
 _PATIENT_TAGS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
 
 
