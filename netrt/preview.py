@@ -148,12 +148,14 @@ def preview_panels(mask: npt.NDArray[np.bool_], spacing: tuple[float, float, flo
 
 
 def render_preview(
-    volume: npt.NDArray[np.float32],
+    volume: npt.NDArray[Any],
     mask: npt.NDArray[np.bool_],
     spacing: tuple[float, float, float],
     path: Path,
 ) -> Preview:
     """Write the three-panel PNG for ``volume`` and ``mask`` (both ``[slice, row, col]``) to ``path``.
+
+    ``volume`` holds modality values in any real dtype (only the three cut planes are converted).
 
     ``spacing`` is (column, row, slice) in mm, as :attr:`netrt.geometry.ImageGeometry.spacing`.
     The PNG is written atomically (temp file, rename). Returns where each panel is and what it shows.
