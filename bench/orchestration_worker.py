@@ -4,7 +4,8 @@ Runs in one process against a running Prefect server (PREFECT_API_URL in the env
 both variants pay the same imports once and the difference is what orchestration adds per study:
 task-run bookkeeping on the server, result persistence, artifacts, logging. Every run gets a fresh
 data dir, so the flow never hits the cache (that would flatter it). The direct variant makes the
-calls the flow's tasks make, with the planes written concurrently as the flow does.
+calls the flow's tasks make, with the planes scheduled as the flow does (axial beside coronal, then
+sagittal).
 
 ``python -m bench.orchestration_worker --input DIR --root DIR --runs N --result FILE``
 """
@@ -51,12 +52,19 @@ def direct(input_dir: Path, config: NetrtConfig) -> None:
     anonymized = anonymize_step(study, config.anonymization, secret, work / f"anonymized-{key[:12]}")
     keyed = work / content_key("mask", key, settings_key(config.processing))[:12]
     masks = compute_mask(anonymized.study, config.processing, keyed)
-    with ThreadPoolExecutor(max_workers=len(config.processing.planes)) as pool:
-        futures = [
-            pool.submit(write_plane, anonymized.study, masks, plane, config.processing, keyed)
-            for plane in config.processing.planes
+    planes = config.processing.planes
+    with ThreadPoolExecutor(max_workers=1) as pool:  # axial beside the reformats, which run one after the other
+        axial = [
+            pool.submit(write_plane, anonymized.study, masks, p, config.processing, keyed)
+            for p in planes
+            if p == "axial"
         ]
-        written = [series for future in futures for series in future.result()]
+        by_plane = {
+            p: write_plane(anonymized.study, masks, p, config.processing, keyed) for p in planes if p != "axial"
+        }
+        for future in axial:
+            by_plane["axial"] = future.result()
+    written = [series for plane in planes for series in by_plane[plane]]
     preview_step(anonymized.study, masks, keyed / "preview.png")
     for destination in config.effective_destinations():
         deliver_to_folder(destination.name, destination.path, [p for s in written for p in s.files])  # type: ignore[union-attr]

@@ -1,7 +1,7 @@
 """The `process-study` flow: one run per study, each step a thin task over `netrt.pipeline`.
 
-validate -> anonymize -> extract-masks -> write-<plane> (concurrently) -> preview -> deliver-<name>
-(concurrently, one per destination). Tasks exchange paths, UIDs and small reports only.
+validate -> anonymize -> extract-masks -> write-<plane> (axial beside coronal, then sagittal) -> preview
+-> deliver-<name> (concurrently, one per destination). Tasks exchange paths, UIDs and small reports only.
 
 Caching: the deterministic tasks (anonymize, extract-masks, write-<plane>, preview) cache on an
 explicit key built from the content of the study's files (:func:`netrt.pipeline.study_fingerprint`),
@@ -257,12 +257,27 @@ class _Run:
         return result
 
     def cached_map(
-        self, task_: Task[..., R], timing: StageTiming, present: Callable[[R], bool], calls: list[dict[str, Any]]
+        self,
+        task_: Task[..., R],
+        timing: StageTiming,
+        present: Callable[[R], bool],
+        calls: list[dict[str, Any]],
+        one_at_a_time: Callable[[dict[str, Any]], bool] = lambda _: False,
     ) -> list[R]:
-        """Submit one task run per ``calls`` item at once (they run concurrently), then collect them in order."""
+        """Submit one task run per ``calls`` item at once, then collect them in order.
+
+        They run concurrently, except the calls ``one_at_a_time`` picks: each of those waits for the
+        one before it (``wait_for``, so the Prefect UI shows the order).
+        """
         runnable = task_.with_options(result_storage=self.results, retries=self._retries_for(task_.name))
-        futures = [runnable.submit(**kwargs) for kwargs in calls]
-        results = []
+        futures = []
+        previous = None
+        for kwargs in calls:
+            serial = one_at_a_time(kwargs)
+            future = runnable.submit(**kwargs, wait_for=[previous] if serial and previous is not None else None)
+            previous = future if serial else previous
+            futures.append(future)
+        results: list[R] = []
         for kwargs, future in zip(calls, futures, strict=True):
             result: R = future.result()
             cached = future.state.name == "Cached"
@@ -481,8 +496,14 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
             }
             for plane in config.processing.planes
         ]
+        # Axial runs beside the reformats; coronal and sagittal one after the other, because each
+        # holds the whole source image while it streams (1000 slices of 512x512: 500 MiB each).
         per_plane = run.cached_map(
-            write_plane_series, timing, lambda r: all(p.exists() for s in r for p in s.files), calls
+            write_plane_series,
+            timing,
+            lambda r: all(p.exists() for s in r for p in s.files),
+            calls,
+            one_at_a_time=lambda call: call["plane"] != "axial",
         )
         written = [series for plane_series in per_plane for series in plane_series]
     report.series = [
