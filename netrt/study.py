@@ -67,11 +67,11 @@ from netrt.geometry import (
 )
 
 FloatArray32 = npt.NDArray[np.float32]
+FloatArray64 = npt.NDArray[np.float64]
 
 # SimpleITK's SWIG functions carry no annotations; an Any handle keeps mypy --strict quiet without
 # scattering ignores (the same device as in netrt.geometry and netrt.reformat).
 _sitk: Any = sitk
-FloatArray64 = npt.NDArray[np.float64]
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 MEDIA_STORAGE_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
