@@ -46,6 +46,7 @@ from netrt.config import (
     load_config,
 )
 from netrt.deliver import DeliveryOutcome, deliver_to_folder
+from netrt.episodes import begin_delivery, files_digest
 from netrt.errors import DeliveryError, NetrtError, StudyFailedError
 from netrt.fileio import move_folder
 from netrt.layout import DataLayout
@@ -213,13 +214,16 @@ def deliver(
     files: list[Path],
     calling_ae_title: str,
     progress_file: str,
+    run_tag: str,
 ) -> DeliveryOutcome:
     with _scrubbed_errors():
         if isinstance(destination, FolderDestination):
             return deliver_to_folder(destination.name, destination.path, files)
         from netrt.send import send_to_dicom
 
-        return send_to_dicom(destination, files, calling_ae_title=calling_ae_title, progress_file=Path(progress_file))
+        return send_to_dicom(
+            destination, files, calling_ae_title=calling_ae_title, progress_file=Path(progress_file), run=run_tag
+        )
 
 
 # --- the flow ---------------------------------------------------------------------------------
@@ -238,6 +242,9 @@ class _Run:
         self.secret = secret
         self.report = report
         self.stage = "validate"
+        # Flow-run ids whose failed delivery this run continues (netrt.episodes): its own (a UI
+        # retry of it) and, on a quarantine retry, the quarantined run's.
+        self.continuing_runs: set[str | None] = {report.flow_run_id}
         self.results = layout.cache / "results"  # a Path: Prefect stores results there without a saved block
 
     @contextmanager
@@ -340,6 +347,15 @@ def _locate(layout: DataLayout, source: Path) -> Path | None:
     )
 
 
+def _retried_run(layout: DataLayout, entry_id: str) -> str | None:
+    """The flow run whose failure put this study in quarantine, when this run is its retry."""
+    try:
+        entry = read_entry(layout, entry_id)
+    except Exception:  # no entry (the usual case), or an unreadable one: not a quarantine retry
+        return None
+    return entry.flow_run_id if entry.status == "retrying" else None
+
+
 def _files_of(source: Path, study_instance_uid: str | None) -> list[Path]:
     """The failed study's own files (not its neighbours' in a shared folder); every file when unsure."""
     try:
@@ -390,6 +406,7 @@ def process_study(
         get_run_logger().info("the study was re-opened by new instances; its next sealing gets a new run")
         return {"study_instance_uid": report.study, "skipped": "re-opened", "flow_run_id": run_id}
     source = located
+    run.continuing_runs.add(_retried_run(layout, entry_id_for(layout, source, label)))
     _SCRUBBER.set(lambda text: run.scrub(text, _files_of(source, study_instance_uid)))
     try:
         summary = _process(run, source, study_instance_uid, transactions)
@@ -534,7 +551,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
 
     files = [path for series in written for path in series.files]
     with run.timed("deliver"):
-        _deliver_all(run, files, keyed_work, transactions)
+        _deliver_all(run, files, transactions)
     return {
         "study_instance_uid": report.study,
         "rois_kept": masks.kept,
@@ -582,7 +599,7 @@ def _pass_through(
         counts={"pass-through": len(passed.files)},
     )
     with run.timed("deliver"):
-        _deliver_all(run, list(passed.files), work, transactions)
+        _deliver_all(run, list(passed.files), transactions)
     return {
         "study_instance_uid": report.study,
         "rois_kept": [],
@@ -609,18 +626,49 @@ def _add_run_tags(flow_run_id: str | None, *tags: str) -> None:
         client.update_flow_run(UUID(flow_run_id), tags=sorted({*current.tags, *tags}))
 
 
-def _deliver_all(run: _Run, files: list[Path], keyed_work: Path, transactions: TransactionLog) -> None:
-    """Deliver to every destination at once; one failing does not stop or repeat the others."""
+def _deliver_all(run: _Run, files: list[Path], transactions: TransactionLog) -> None:
+    """Deliver to every destination at once; one failing does not stop or repeat the others.
+
+    Within one delivery episode (:mod:`netrt.episodes`) a destination that already holds these
+    files is not sent them again, and a failed one resumes from its acknowledgements; a new run
+    opens a new episode and sends everything.
+    """
     config, report = run.config, run.report
+    episode = begin_delivery(
+        run.layout.study_dir(run.layout.work, report.study) / "delivery", report.flow_run_id, run.continuing_runs
+    )
+    digest = files_digest(files)
+    run_tag = f"{report.flow_run_id}#{flow_run.run_count}"
     futures = []
     for destination in config.effective_destinations():
-        name_key = hashlib.sha256(destination.name.encode("utf-8")).hexdigest()[:12]
+        earlier_delivery = episode.delivered_earlier(destination.name, digest)
+        if earlier_delivery is not None:
+            detail = f"delivered earlier in this delivery (flow run {earlier_delivery.get('run')}); not sent again"
+            report.destinations.append(
+                {
+                    "name": destination.name,
+                    "ok": True,
+                    "instances": len(files),
+                    "stored": 0,
+                    "earlier": len(files),
+                    "detail": detail,
+                }
+            )
+            transactions.record(
+                "delivery_skipped",
+                study_instance_uid=report.study,
+                destination=destination.name,
+                flow_run_id=report.flow_run_id,
+                reason=detail,
+            )
+            continue
         calling = getattr(destination, "calling_ae_title", None) or config.listener.ae_title
         retries = destination.retries
         task_ = deliver.with_options(
             retries=retries, retry_delay_seconds=_backoff(destination.retry_delay_seconds, retries) or 0
         )
-        future = task_.submit(destination, files, calling, str(keyed_work / "delivery" / f"{name_key}.jsonl"))
+        progress = episode.progress_file(destination.name)
+        future = task_.submit(destination, files, calling, str(progress), run_tag)
         futures.append((destination, future))
     failures: list[str] = []
     all_retryable = True
@@ -632,20 +680,36 @@ def _deliver_all(run: _Run, files: list[Path], keyed_work: Path, transactions: T
             all_retryable = all_retryable and retryable
             detail = str(exc) if isinstance(exc, DeliveryError) else f"destination {destination.name!r}: {exc}"
             failures.append(detail)
-            report.destinations.append({"name": destination.name, "ok": False, "instances": 0, "detail": detail})
+            stored = getattr(exc, "stored", None) or 0
+            earlier = getattr(exc, "earlier", None) or 0
+            episode.mark_failed(destination.name, report.flow_run_id, run.scrub(detail, files))
+            report.destinations.append(
+                {
+                    "name": destination.name,
+                    "ok": False,
+                    "instances": len(files),
+                    "stored": stored,
+                    "earlier": earlier,
+                    "detail": detail,
+                }
+            )
             transactions.record(
                 "delivery_failed",
                 study_instance_uid=report.study,
                 destination=destination.name,
                 flow_run_id=report.flow_run_id,
                 reason=run.scrub(detail, files),
+                counts={"instances": len(files), "stored_this_run": stored, "stored_earlier": earlier},
             )
             continue
+        episode.mark_delivered(outcome.destination, digest, report.flow_run_id, outcome.instances)
         report.destinations.append(
             {
                 "name": outcome.destination,
-                "ok": outcome.ok,
-                "instances": outcome.instances_sent,
+                "ok": True,
+                "instances": outcome.instances,
+                "stored": outcome.stored,
+                "earlier": outcome.earlier,
                 "detail": outcome.detail,
             }
         )
@@ -654,8 +718,13 @@ def _deliver_all(run: _Run, files: list[Path], keyed_work: Path, transactions: T
             study_instance_uid=report.study,
             destination=outcome.destination,
             flow_run_id=report.flow_run_id,
-            counts={"instances": outcome.instances_sent, "failed": outcome.instances_failed},
+            counts={
+                "instances": outcome.instances,
+                "stored_this_run": outcome.stored,
+                "stored_earlier": outcome.earlier,
+            },
         )
+    episode.close_if_complete(d.name for d in config.effective_destinations())
     if failures:
         raise StudyFailedError(
             "delivery failed: " + "; ".join(failures), "deliver", quarantine_id=None, retryable=all_retryable

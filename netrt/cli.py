@@ -25,6 +25,7 @@ from netrt.config import NetrtConfig, dump_config, load_config
 from netrt.errors import NetrtError, StudyFailedError
 from netrt.layout import DataLayout
 from netrt.logs import TransactionLog, setup_logging
+from netrt.report import delivery_line
 
 if TYPE_CHECKING:
     from listener.completion import SealedStudy
@@ -202,7 +203,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         written = ", ".join(
             f"{s['plane']}{' burn-in' if s['burn_in'] else ''} {s['instances']}" for s in summary["series"]
         )
-        delivered = ", ".join(f"{d['name']} {d['instances']}" for d in summary["destinations"])
+        delivered = delivery_line(summary["destinations"])
         print(
             f"{summary['study_instance_uid']}: ok: ROIs {', '.join(summary['rois_kept'])}; "
             f"series {written}; delivered to {delivered}",
@@ -263,7 +264,7 @@ def cmd_quarantine_retry(args: argparse.Namespace) -> int:
             failures += 1
             print(f"{entry_id}: FAILED again: {exc}", flush=True)
             continue
-        delivered = ", ".join(f"{d['name']} {d['instances']}" for d in summary["destinations"])
+        delivered = delivery_line(summary["destinations"])
         print(f"{entry_id}: ok: delivered to {delivered}; released from quarantine", flush=True)
     return EXIT_OK if failures == 0 else EXIT_FAILURE
 

@@ -20,14 +20,18 @@ from netrt.uids import checked_uid
 
 @dataclass(frozen=True)
 class DeliveryOutcome:
-    destination: str
-    instances_sent: int
-    instances_failed: int
-    detail: str
+    """A completed delivery: every one of ``instances`` is held by the destination.
 
-    @property
-    def ok(self) -> bool:
-        return self.instances_failed == 0
+    ``stored`` counts the instances this run stored (its task retries included), ``earlier`` those
+    that earlier runs of the same delivery episode had stored (see :mod:`netrt.episodes`); the two
+    add up to ``instances``. Reports say both, so a resumed delivery never looks like a full one.
+    """
+
+    destination: str
+    instances: int
+    stored: int
+    earlier: int
+    detail: str
 
 
 def deliver_to_folder(name: str, root: Path, files: Sequence[Path]) -> DeliveryOutcome:
@@ -51,4 +55,4 @@ def deliver_to_folder(name: str, root: Path, files: Sequence[Path]) -> DeliveryO
         folders.add(target.parent)
     for folder in folders:
         fsync_dir(folder)
-    return DeliveryOutcome(name, len(files), 0, f"{len(files)} instances written under {root}")
+    return DeliveryOutcome(name, len(files), len(files), 0, f"{len(files)} instances written under {root}")

@@ -59,13 +59,28 @@ class UnsafeIdentifierError(NetrtError):
 
 
 class DeliveryError(NetrtError):
-    """Sending a study to a destination failed; ``retryable`` says whether waiting may help."""
+    """Sending a study to a destination failed; ``retryable`` says whether waiting may help.
 
-    def __init__(self, destination: str, reason: str, retryable: bool = True) -> None:
+    ``stored`` and ``earlier`` count what the destination did acknowledge before the failure, in
+    this run and in earlier runs of the same delivery episode (None where nothing was counted), so
+    a report of a failed delivery can still say truthfully what did arrive.
+    """
+
+    def __init__(
+        self,
+        destination: str,
+        reason: str,
+        retryable: bool = True,
+        *,
+        stored: int | None = None,
+        earlier: int | None = None,
+    ) -> None:
         super().__init__(f"destination {destination!r}: {reason}")
         self.destination = destination
         self.reason = reason
         self.retryable = retryable
+        self.stored = stored
+        self.earlier = earlier
 
 
 class StudyFailedError(NetrtError):

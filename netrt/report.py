@@ -57,6 +57,23 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def delivery_line(destinations: list[dict[str, Any]]) -> str:
+    """Per destination, what this run stored and what earlier runs of the same delivery had, e.g.
+    ``pacs 120 (80 stored in this run, 40 earlier)``: the CLI's words, true of this run only."""
+    parts = []
+    for dest in destinations:
+        if not dest["ok"]:
+            parts.append(f"{dest['name']} FAILED ({dest['stored']} of {dest['instances']} stored in this run)")
+        elif dest["stored"] == dest["instances"]:
+            parts.append(f"{dest['name']} {dest['instances']} (all stored in this run)")
+        else:
+            parts.append(
+                f"{dest['name']} {dest['instances']} ({dest['stored']} stored in this run, "
+                f"{dest['earlier']} by earlier runs of this delivery)"
+            )
+    return ", ".join(parts)
+
+
 def render_markdown(report: StudyReport) -> str:
     """The summary as GitHub-flavoured markdown (what Prefect's artifact page renders)."""
     status = "failed" if report.failed_stage else "processed"
@@ -86,10 +103,18 @@ def render_markdown(report: StudyReport) -> str:
             )
         lines.append("")
     if report.destinations:
-        lines += ["## Destinations", "", "| destination | outcome | instances | detail |", "| --- | --- | ---: | --- |"]
+        lines += [
+            "## Destinations",
+            "",
+            "| destination | outcome | instances | stored in this run | stored by earlier runs | detail |",
+            "| --- | --- | ---: | ---: | ---: | --- |",
+        ]
         for dest in report.destinations:
             outcome = "delivered" if dest["ok"] else "FAILED"
-            lines.append(f"| {_cell(dest['name'])} | {outcome} | {dest['instances']} | {_cell(dest['detail'])} |")
+            lines.append(
+                f"| {_cell(dest['name'])} | {outcome} | {dest['instances']} | {dest['stored']} | {dest['earlier']} "
+                f"| {_cell(dest['detail'])} |"
+            )
         lines.append("")
     if report.stages:
         lines += ["## Time per stage", "", "| stage | seconds | from cache |", "| --- | ---: | --- |"]

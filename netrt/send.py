@@ -384,21 +384,23 @@ def _keep_responses_for_the_sender(assoc: Association) -> None:
 # --- progress file -----------------------------------------------------------------------------
 
 
-def _acknowledged(progress_file: Path | None) -> set[tuple[str, str]]:
-    """(SOPInstanceUID, sha256) pairs the destination has acknowledged in earlier attempts.
+def _acknowledged(progress_file: Path | None) -> dict[tuple[str, str], str]:
+    """(SOPInstanceUID, sha256) pairs the destination has acknowledged in earlier attempts, each
+    with the run tag of the attempt that recorded it ("" for lines written before runs were tagged).
 
     The content hash is part of the key so that a re-written instance with the same UID but other
     content (re-processing with changed input) is sent again rather than skipped. A torn last line
     (a crash mid-append) is ignored: that instance is simply sent again.
     """
     if progress_file is None or not progress_file.exists():
-        return set()
-    done: set[tuple[str, str]] = set()
+        return {}
+    done: dict[tuple[str, str], str] = {}
     text = progress_file.read_text(encoding="utf-8", errors="replace")
     for number, line in enumerate(text.splitlines(), start=1):
         try:
             entry = json.loads(line)
-            done.add((str(entry["sop_instance_uid"]), str(entry["sha256"])))
+            key = (str(entry["sop_instance_uid"]), str(entry["sha256"]))
+            done.setdefault(key, str(entry.get("run", "")))
         except (ValueError, KeyError, TypeError):
             logger.warning("%s:%d: unreadable progress line ignored", progress_file, number)
     return done
@@ -408,9 +410,12 @@ class _ProgressLog:
     """Appends one JSON line per acknowledged instance: flushed at once, fsync'd every
     ``sync_seconds`` and on close (see the module docstring for why not per line)."""
 
-    def __init__(self, path: Path | None, destination: str, sync_seconds: float = PROGRESS_SYNC_SECONDS) -> None:
+    def __init__(
+        self, path: Path | None, destination: str, run: str = "", sync_seconds: float = PROGRESS_SYNC_SECONDS
+    ) -> None:
         self._handle = None
         self._destination = destination
+        self._run = run
         self._sync_seconds = sync_seconds
         self._synced_at = time.monotonic()
         if path is not None:
@@ -436,6 +441,7 @@ class _ProgressLog:
             "destination": self._destination,
             "status": f"0x{status:04X}",
             "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "run": self._run,
         }
         self._handle.write(json.dumps(entry) + "\n")
         self._handle.flush()
@@ -549,44 +555,64 @@ def send_to_dicom(
     *,
     calling_ae_title: str,
     progress_file: Path | None = None,
+    run: str = "",
 ) -> DeliveryOutcome:
     """One delivery attempt of ``files`` to ``destination`` by C-STORE over one association.
 
     Instances recorded in ``progress_file`` as acknowledged (same SOPInstanceUID and content) are
     skipped; each new acknowledgement (success or warning status) is appended there at once (flushed;
-    fsync'd once a second and at the end). Use one progress file per destination and written study,
-    kept with the written series (it moves to quarantine with them), so retries re-send only what is
-    missing.
+    fsync'd once a second and at the end), tagged with ``run``. Use one progress file per
+    destination and delivery episode (:mod:`netrt.episodes`), so retries re-send only what is
+    missing and a new run sends everything again.
 
-    Returns the outcome when every instance is acknowledged (``instances_sent`` counts all of them,
-    including those acknowledged by earlier attempts). Raises :class:`DeliveryError` otherwise,
-    saying how many instances were not stored and why; ``retryable`` is False when waiting cannot
-    help (association rejected permanently, TLS refused, only refusals of the data itself).
+    Returns the outcome when every instance is acknowledged: ``stored`` counts the instances
+    acknowledged under the tag ``run`` (this attempt and earlier attempts of the same run),
+    ``earlier`` those acknowledged under other tags. Raises :class:`DeliveryError` otherwise,
+    saying how many instances were not stored and why, with the same two counts; ``retryable`` is
+    False when waiting cannot help (association rejected permanently, TLS refused, only refusals
+    of the data itself).
     """
     started = time.perf_counter()
     done = _acknowledged(progress_file)
     instances = [_read_instance(destination, Path(path)) for path in files]
     pending: list[_Instance] = []
     queued: set[tuple[str, str]] = set()
+    this_run = 0
     for instance in instances:
         key = (instance.sop_instance_uid, instance.sha256)
-        if key not in done and key not in queued:
+        if key in done:
+            this_run += done[key] == run
+        elif key not in queued:
             pending.append(instance)
             queued.add(key)
-    earlier = len(instances) - len(pending)
+    earlier = len(instances) - len(pending) - this_run
     where = _where(destination)
     if not pending:
         return DeliveryOutcome(
-            destination.name, len(instances), 0, f"all {len(instances)} instances already acknowledged by {where}"
+            destination.name,
+            len(instances),
+            this_run,
+            earlier,
+            f"all {len(instances)} instances already acknowledged by {where} "
+            f"({this_run} in this run, {earlier} in earlier runs of this delivery)",
         )
 
     contexts = _requested_contexts(destination, pending)
     try:
-        progress = _ProgressLog(progress_file, destination.name)
+        progress = _ProgressLog(progress_file, destination.name, run)
     except OSError as exc:
-        raise DeliveryError(destination.name, f"cannot write the progress file {progress_file}: {exc}") from exc
+        raise DeliveryError(
+            destination.name,
+            f"cannot write the progress file {progress_file}: {exc}",
+            stored=this_run,
+            earlier=earlier,
+        ) from exc
     try:
         assoc, trace = _associate(destination, calling_ae_title, contexts)
+    except DeliveryError as exc:
+        progress.close()
+        exc.stored, exc.earlier = this_run, earlier
+        raise
     except BaseException:
         progress.close()
         raise
@@ -671,15 +697,29 @@ def send_to_dicom(
         raise DeliveryError(
             destination.name,
             f"{len(failures)} of {len(instances)} instances not stored at {where} "
-            f"({sent} stored in this attempt, {earlier} earlier): {summary}",
+            f"({sent} stored in this attempt, {this_run} in earlier attempts of this run, "
+            f"{earlier} in earlier runs of this delivery): {summary}",
             retryable=any(failure.retryable for failure in failures),
+            stored=this_run + sent,
+            earlier=earlier,
         )
-    logger.info("%s: %d instances stored at %s in %.2f s (%d earlier)", destination.name, sent, where, elapsed, earlier)
+    logger.info(
+        "%s: %d instances stored at %s in %.2f s (%d by earlier attempts of this run, %d by earlier runs)",
+        destination.name,
+        sent,
+        where,
+        elapsed,
+        this_run,
+        earlier,
+    )
     return DeliveryOutcome(
         destination.name,
         len(instances),
-        0,
-        f"{sent} instances stored at {where} in {elapsed:.1f} s; {earlier} acknowledged earlier",
+        this_run + sent,
+        earlier,
+        f"{sent} instances stored at {where} in {elapsed:.1f} s"
+        + (f"; {this_run} by earlier attempts of this run" if this_run else "")
+        + (f"; {earlier} by earlier runs of this delivery" if earlier else ""),
     )
 
 

@@ -154,7 +154,12 @@ def _scenario_deliver(params: dict[str, Any]) -> dict[str, Any]:
 
         started = time.perf_counter()
         first = send_to_dicom(destination, files, calling_ae_title="NETRT", progress_file=progress)
-        out["first"] = {"sent": first.instances_sent, "failed": first.instances_failed, "detail": first.detail}
+        out["first"] = {
+            "sent": first.stored,
+            "earlier": first.earlier,
+            "instances": first.instances,
+            "detail": first.detail,
+        }
         out["first_seconds"] = time.perf_counter() - started
         out["after_first"] = orthanc.statistics()["CountInstances"]
         out["received_after_first"] = len(_lines(log))
@@ -165,7 +170,7 @@ def _scenario_deliver(params: dict[str, Any]) -> dict[str, Any]:
         out["received_after_again"] = len(_lines(log))
 
         resend = send_to_dicom(destination, files, calling_ae_title="NETRT")  # no progress file: all again
-        out["resend_sent"] = resend.instances_sent
+        out["resend_sent"] = resend.stored
         out["received_after_resend"] = len(_lines(log))
         out["after_resend"] = orthanc.statistics()["CountInstances"]
 
@@ -200,7 +205,8 @@ def test_every_written_instance_arrives_byte_equal_to_the_folder_copy(
 ) -> None:
     count = len(written["files"])
     assert count == 20 + 64 + 64
-    assert delivered["first"]["sent"] == count and delivered["first"]["failed"] == 0
+    assert delivered["first"]["sent"] == delivered["first"]["instances"] == count
+    assert delivered["first"]["earlier"] == 0
     assert delivered["after_first"] == count
     assert delivered["received_after_first"] == count, "each instance went over the wire exactly once"
     stored = {p.stem: p for p in Path(delivered["stored"]).glob("*.dcm")}
@@ -270,7 +276,7 @@ def _scenario_refusals(params: dict[str, Any]) -> dict[str, Any]:
             send_to_dicom(_destination(), files, calling_ae_title="STRANGER")
         except DeliveryError as exc:
             out["unknown_calling_ae"] = _error(exc)
-        out["registered_calling_ae"] = send_to_dicom(_destination(), files, calling_ae_title="NETRT").instances_sent
+        out["registered_calling_ae"] = send_to_dicom(_destination(), files, calling_ae_title="NETRT").stored
     try:
         send_to_dicom(_destination(), files, calling_ae_title="NETRT")
     except DeliveryError as exc:
@@ -398,9 +404,9 @@ def _scenario_crash_and_resume(params: dict[str, Any]) -> dict[str, Any]:
     try:
         started = time.perf_counter()
         try:
-            send_to_dicom(destination, files, calling_ae_title="NETRT", progress_file=progress)
+            send_to_dicom(destination, files, calling_ae_title="NETRT", progress_file=progress, run="run-a#1")
         except DeliveryError as exc:
-            out["first"] = _error(exc)
+            out["first"] = {**_error(exc), "stored": exc.stored, "earlier": exc.earlier}
         out["first_seconds"] = time.perf_counter() - started
         deadline = time.monotonic() + 15  # the send fails as Orthanc dies; its exit may lag under load
         while orthanc.running and time.monotonic() < deadline:
@@ -410,8 +416,13 @@ def _scenario_crash_and_resume(params: dict[str, Any]) -> dict[str, Any]:
         out["acknowledged"] = [json.loads(line)["sop_instance_uid"] for line in progress.read_text().splitlines()]
         out["received_first"] = _lines(log)
         orthanc.start()
-        outcome = send_to_dicom(destination, files, calling_ae_title="NETRT", progress_file=progress)
-        out["second"] = {"sent": outcome.instances_sent, "detail": outcome.detail}
+        # The task's own retry: the same run, so what the first attempt stored counts as this run's.
+        outcome = send_to_dicom(destination, files, calling_ae_title="NETRT", progress_file=progress, run="run-a#1")
+        out["second"] = {"sent": outcome.stored, "earlier": outcome.earlier, "detail": outcome.detail}
+        # A later run handed the same progress file (a quarantine retry of the same delivery episode):
+        # nothing is sent, and everything is reported as stored by earlier runs, not by this one.
+        later = send_to_dicom(destination, files, calling_ae_title="NETRT", progress_file=progress, run="run-b#1")
+        out["later"] = {"sent": later.stored, "earlier": later.earlier, "detail": later.detail}
         out["received_all"] = _lines(log)
         out["count"] = orthanc.statistics()["CountInstances"]
     finally:
@@ -434,7 +445,13 @@ def test_crash_mid_way_then_retry_sends_only_the_missing_instances(written: dict
     assert len(result["received_first"]) == CRASH_AT
     second_wave = result["received_all"][len(result["received_first"]) :]
     assert sorted(second_wave) == sorted(all_uids - set(acknowledged)), "the retry re-sent exactly the missing ones"
-    assert result["second"]["sent"] == total
+    assert first["stored"] == CRASH_AT - 1 and first["earlier"] == 0
+    assert f"{CRASH_AT - 1} stored in this attempt" in first["message"]
+    assert result["second"]["sent"] == total and result["second"]["earlier"] == 0
+    assert f"{CRASH_AT - 1} by earlier attempts of this run" in result["second"]["detail"]
+    # second_wave above also holds whatever the later run sent: exactly the missing ones, so none.
+    assert result["later"]["sent"] == 0 and result["later"]["earlier"] == total
+    assert f"0 in this run, {total} in earlier runs" in result["later"]["detail"]
     assert result["count"] == total
 
 
@@ -480,7 +497,7 @@ def _scenario_syntaxes(params: dict[str, Any]) -> dict[str, Any]:
     accepting = _orthanc_settings(root / "sop-classes", log, UnknownSopClassAccepted=True)
     with Orthanc(accepting, quick_stop=True) as orthanc:
         outcome = send_to_dicom(_destination(), [*rle, private], calling_ae_title="NETRT", progress_file=progress)
-        out["after_reconfiguration"] = {"sent": outcome.instances_sent, "detail": outcome.detail}
+        out["after_reconfiguration"] = {"sent": outcome.stored, "detail": outcome.detail}
         out["final_count"] = orthanc.statistics()["CountInstances"]
     out["received_all"] = _lines(log)
     return out
@@ -536,11 +553,14 @@ def test_progress_file_survives_a_torn_last_line(written: dict[str, Any], tmp_pa
     log.close()
     with progress.open("a") as handle:  # a crash in the middle of the next append
         handle.write('{"sop_instance_uid": "1.2.3", "sha2')
-    assert _acknowledged(progress) == {(first.sop_instance_uid, first.sha256)}
+    assert set(_acknowledged(progress)) == {(first.sop_instance_uid, first.sha256)}
     log = _ProgressLog(progress, "pacs")
     log.record(second, 0xB000)
     log.close()
-    assert _acknowledged(progress) == {(first.sop_instance_uid, first.sha256), (second.sop_instance_uid, second.sha256)}
+    assert set(_acknowledged(progress)) == {
+        (first.sop_instance_uid, first.sha256),
+        (second.sop_instance_uid, second.sha256),
+    }
     # Same UID, other content: not acknowledged (a re-written instance is sent again).
     assert (first.sop_instance_uid, second.sha256) not in _acknowledged(progress)
 
@@ -562,7 +582,7 @@ def test_progress_lines_reach_the_file_at_once_and_are_synced_on_a_timer(
     log.record(first, 0)
     log.record(second, 0)
     # Another reader (the next attempt after a crash) sees both lines before any close or fsync.
-    assert send._acknowledged(progress) == {(i.sop_instance_uid, i.sha256) for i in (first, second)}
+    assert set(send._acknowledged(progress)) == {(i.sop_instance_uid, i.sha256) for i in (first, second)}
     assert synced == []
     log.close()
     assert len(synced) == 1

@@ -108,7 +108,7 @@ def _scenario_tls(params: dict[str, Any]) -> dict[str, Any]:
             outcome = send_to_dicom(target, files, calling_ae_title="NETRT")
         except DeliveryError as exc:
             return {"ok": False, "message": str(exc), "retryable": exc.retryable}
-        return {"ok": True, "sent": outcome.instances_sent}
+        return {"ok": True, "sent": outcome.stored}
 
     out: dict[str, Any] = {}
     with Orthanc(settings, quick_stop=True) as orthanc:
