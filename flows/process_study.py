@@ -37,6 +37,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from netrt.anonymize import load_or_create_secret, map_uid, public_study_uid, scrub_text, study_identifier_sets
+from netrt.commitment import ReportRoute
 from netrt.config import (
     AnonymizationConfig,
     DicomDestination,
@@ -215,6 +216,7 @@ def deliver(
     calling_ae_title: str,
     progress_file: str,
     run_tag: str,
+    report_route: ReportRoute | None = None,
 ) -> DeliveryOutcome:
     with _scrubbed_errors():
         if isinstance(destination, FolderDestination):
@@ -222,7 +224,12 @@ def deliver(
         from netrt.send import send_to_dicom
 
         return send_to_dicom(
-            destination, files, calling_ae_title=calling_ae_title, progress_file=Path(progress_file), run=run_tag
+            destination,
+            files,
+            calling_ae_title=calling_ae_title,
+            progress_file=Path(progress_file),
+            run=run_tag,
+            report_route=report_route,
         )
 
 
@@ -668,7 +675,9 @@ def _deliver_all(run: _Run, files: list[Path], transactions: TransactionLog) -> 
             retries=retries, retry_delay_seconds=_backoff(destination.retry_delay_seconds, retries) or 0
         )
         progress = episode.progress_file(destination.name)
-        future = task_.submit(destination, files, calling, str(progress), run_tag)
+        # Where a storage commitment report on a new association reaches this node (netrt.commitment).
+        route = ReportRoute.from_listener(run.layout.root, config.listener)
+        future = task_.submit(destination, files, calling, str(progress), run_tag, route)
         futures.append((destination, future))
     failures: list[str] = []
     all_retryable = True
@@ -711,6 +720,7 @@ def _deliver_all(run: _Run, files: list[Path], transactions: TransactionLog) -> 
                 "stored": outcome.stored,
                 "earlier": outcome.earlier,
                 "detail": outcome.detail,
+                "committed": outcome.committed,
             }
         )
         transactions.record(
@@ -722,6 +732,7 @@ def _deliver_all(run: _Run, files: list[Path], transactions: TransactionLog) -> 
                 "instances": outcome.instances,
                 "stored_this_run": outcome.stored,
                 "stored_earlier": outcome.earlier,
+                **({"committed": outcome.committed} if outcome.committed is not None else {}),
             },
         )
     episode.close_if_complete(d.name for d in config.effective_destinations())

@@ -53,6 +53,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from listener.completion import StudyTracker
 from listener.store import StoreError, write_instance
+from netrt.commitment import add_report_context, answer_event_report
 from netrt.config import ListenerConfig, TlsConfig
 from netrt.errors import NetrtError, UnsafeIdentifierError
 from netrt.logs import TransactionLog
@@ -293,8 +294,10 @@ class ListenerHandlers:
         tracker: StudyTracker,
         transactions: TransactionLog,
         label: Callable[[str], str],
+        commitments_dir: Path | None = None,
     ) -> None:
         self.config = config
+        self.commitments_dir = commitments_dir  # storage commitment reports for waiting senders
         self.incoming_root = incoming_root
         self.tracker = tracker
         self.transactions = transactions
@@ -313,6 +316,7 @@ class ListenerHandlers:
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_N_EVENT_REPORT, self.on_event_report),
             (evt.EVT_PDU_RECV, self.on_pdu_received),
             (evt.EVT_CONN_CLOSE, self.on_closed),
         ]
@@ -478,6 +482,24 @@ class ListenerHandlers:
                     info.refused += 1
         return result
 
+    def on_event_report(self, event: Event) -> tuple[int, None]:
+        """A storage commitment report on a new association (netrt.commitment): recorded in the
+        reports folder for the delivery waiting on it, then answered; never raises."""
+        if self.commitments_dir is None:
+            return 0x0110, None  # processing failure: this listener keeps no reports
+        status, _ = answer_event_report(event, self.commitments_dir)
+        try:
+            requestor = event.assoc.requestor
+            self.transactions.record(
+                "commitment_report_received",
+                source_ip=str(requestor.address),
+                source_ae=(requestor.ae_title or "").strip(),
+                status=f"0x{status:04X}",
+            )
+        except Exception:
+            LOGGER.exception("transaction log entry of a storage commitment report failed")
+        return status, None
+
     def _refuse(self, event: Event, status: int, why: str) -> Dataset:
         requestor = event.assoc.requestor
         LOGGER.warning(
@@ -557,6 +579,7 @@ def make_ae(config: ListenerConfig) -> AE:
     if config.allowed_calling_ae_titles:
         ae.require_calling_aet = list(config.allowed_calling_ae_titles)
     ae.add_supported_context(Verification)
+    add_report_context(ae)  # storage commitment reports from destinations NETRT delivered to
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae

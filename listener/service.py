@@ -27,6 +27,7 @@ from listener.scp import (
     pdu_limit,
 )
 from netrt.anonymize import load_or_create_secret, public_study_uid
+from netrt.commitment import reports_folder
 from netrt.config import NetrtConfig
 from netrt.layout import DataLayout
 from netrt.logs import TransactionLog
@@ -76,7 +77,12 @@ class ListenerService:
             label=self.label,
         )
         self.handlers = ListenerHandlers(
-            config.listener, self.layout.incoming, self.tracker, self.transactions, self.label
+            config.listener,
+            self.layout.incoming,
+            self.tracker,
+            self.transactions,
+            self.label,
+            commitments_dir=reports_folder(self.layout.root),
         )
         self._ssl_context = build_ssl_context(config.listener.tls)
         self._ae: AE | None = None

@@ -314,6 +314,17 @@ class DicomDestination(_Section):
     tls: DestinationTlsConfig = Field(
         default_factory=DestinationTlsConfig, description="Optional TLS (client side) for this destination."
     )
+    storage_commitment: bool = Field(
+        default=False,
+        description="After the C-STOREs, ask the destination for Storage Commitment (PS3.4 Annex J); an "
+        "instance counts as delivered only once the destination's report commits it.",
+    )
+    storage_commitment_timeout_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="Wait this long for the storage commitment report (N-EVENT-REPORT); none in time is a "
+        "retryable failure.",
+    )
 
     _ae = field_validator("ae_title", "calling_ae_title")(
         classmethod(lambda cls, v: v if v is None else _check_ae_title(v))

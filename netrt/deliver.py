@@ -25,6 +25,8 @@ class DeliveryOutcome:
     ``stored`` counts the instances this run stored (its task retries included), ``earlier`` those
     that earlier runs of the same delivery episode had stored (see :mod:`netrt.episodes`); the two
     add up to ``instances``. Reports say both, so a resumed delivery never looks like a full one.
+    ``committed`` counts the instances the destination committed to keep (Storage Commitment,
+    :mod:`netrt.commitment`); None when commitment was not requested.
     """
 
     destination: str
@@ -32,6 +34,7 @@ class DeliveryOutcome:
     stored: int
     earlier: int
     detail: str
+    committed: int | None = None
 
 
 def deliver_to_folder(name: str, root: Path, files: Sequence[Path]) -> DeliveryOutcome:

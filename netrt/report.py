@@ -71,7 +71,17 @@ def delivery_line(destinations: list[dict[str, Any]]) -> str:
                 f"{dest['name']} {dest['instances']} ({dest['stored']} stored in this run, "
                 f"{dest['earlier']} by earlier runs of this delivery)"
             )
+        if dest["ok"] and dest.get("committed") is not None:
+            parts[-1] += f" [{_commitment_words(dest)}]"
     return ", ".join(parts)
+
+
+def _commitment_words(dest: dict[str, Any]) -> str:
+    """``storage commitment: all N committed`` (or ``committed N of M``) for a destination that asked."""
+    committed, instances = dest["committed"], dest["instances"]
+    if committed == instances:
+        return f"storage commitment: all {committed} committed"
+    return f"storage commitment: committed {committed} of {instances}"
 
 
 def render_markdown(report: StudyReport) -> str:
@@ -116,6 +126,10 @@ def render_markdown(report: StudyReport) -> str:
                 f"| {_cell(dest['detail'])} |"
             )
         lines.append("")
+        committing = [d for d in report.destinations if d["ok"] and d.get("committed") is not None]
+        lines += [f"- {_cell(d['name'])}: {_commitment_words(d)}" for d in committing]
+        if committing:
+            lines.append("")
     if report.stages:
         lines += ["## Time per stage", "", "| stage | seconds | from cache |", "| --- | ---: | --- |"]
         for stage in report.stages:

@@ -49,12 +49,24 @@ from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
-from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
-from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.presentation import PresentationContext, build_context, build_role
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
+from netrt.commitment import (
+    ACTION_REQUEST_COMMIT,
+    STORAGE_COMMITMENT_INSTANCE,
+    CommitmentReport,
+    ReportBox,
+    ReportRoute,
+    discard_report,
+    failure_reason_text,
+    new_transaction_uid,
+    request_dataset,
+    wait_for_report,
+)
 from netrt.config import DicomDestination
 from netrt.deliver import DeliveryOutcome
 from netrt.errors import DeliveryError
@@ -314,7 +326,12 @@ def _not_established(destination: DicomDestination, trace: _Trace, calling_ae_ti
 
 
 def _associate(
-    destination: DicomDestination, calling_ae_title: str, contexts: list[PresentationContext]
+    destination: DicomDestination,
+    calling_ae_title: str,
+    contexts: list[PresentationContext],
+    *,
+    roles: Sequence[SCP_SCU_RoleSelectionNegotiation] = (),
+    handlers: Sequence[tuple[Any, Any]] = (),
 ) -> tuple[Association, _Trace]:
     """An established association, or the DeliveryError saying why not."""
     trace = _Trace()
@@ -351,7 +368,13 @@ def _associate(
         ae_title=destination.ae_title,
         max_pdu=destination.max_pdu_size,
         tls_args=_tls_args(destination, trace),
-        evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), (evt.EVT_PDU_RECV, on_pdu), (evt.EVT_CONN_CLOSE, on_close)],
+        ext_neg=list(roles) or None,
+        evt_handlers=[
+            (evt.EVT_ACSE_RECV, on_acse),
+            (evt.EVT_PDU_RECV, on_pdu),
+            (evt.EVT_CONN_CLOSE, on_close),
+            *handlers,
+        ],
     )
     if not assoc.is_established:
         raise _not_established(destination, trace, calling_ae_title)
@@ -390,20 +413,38 @@ def _acknowledged(progress_file: Path | None) -> dict[tuple[str, str], str]:
 
     The content hash is part of the key so that a re-written instance with the same UID but other
     content (re-processing with changed input) is sent again rather than skipped. A torn last line
-    (a crash mid-append) is ignored: that instance is simply sent again.
+    (a crash mid-append) is ignored: that instance is simply sent again. An instance whose latest
+    line says its storage commitment failed (``"state": "commit_failed"``) is not acknowledged:
+    the next attempt sends it again.
     """
-    if progress_file is None or not progress_file.exists():
-        return {}
+    return _progress(progress_file)[0]
+
+
+def _progress(progress_file: Path | None) -> tuple[dict[tuple[str, str], str], set[tuple[str, str]]]:
+    """What the progress file says: the acknowledged instances (as :func:`_acknowledged`) and,
+    among them, those the destination committed to keep (``"state": "committed"``)."""
     done: dict[tuple[str, str], str] = {}
+    committed: set[tuple[str, str]] = set()
+    if progress_file is None or not progress_file.exists():
+        return done, committed
     text = progress_file.read_text(encoding="utf-8", errors="replace")
     for number, line in enumerate(text.splitlines(), start=1):
         try:
             entry = json.loads(line)
             key = (str(entry["sop_instance_uid"]), str(entry["sha256"]))
-            done.setdefault(key, str(entry.get("run", "")))
-        except (ValueError, KeyError, TypeError):
+            state = entry.get("state", "stored")
+        except (ValueError, KeyError, TypeError, AttributeError):
             logger.warning("%s:%d: unreadable progress line ignored", progress_file, number)
-    return done
+            continue
+        if state == "committed":
+            if key in done:
+                committed.add(key)
+        elif state == "commit_failed":
+            done.pop(key, None)
+            committed.discard(key)
+        else:
+            done.setdefault(key, str(entry.get("run", "")))
+    return done, committed
 
 
 class _ProgressLog:
@@ -443,9 +484,38 @@ class _ProgressLog:
             "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "run": self._run,
         }
+        self._write(entry)
+
+    def record_commitment(
+        self, instance: _Instance, state: str, transaction_uid: str, failure_reason: int | None = None
+    ) -> None:
+        """A ``committed`` or ``commit_failed`` line for an acknowledged instance (Storage Commitment)."""
+        if self._handle is None:
+            return
+        entry: dict[str, Any] = {
+            "sop_instance_uid": instance.sop_instance_uid,
+            "sha256": instance.sha256,
+            "destination": self._destination,
+            "state": state,
+            "transaction_uid": transaction_uid,
+            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "run": self._run,
+        }
+        if failure_reason is not None:
+            entry["failure_reason"] = f"0x{failure_reason:04X}"
+        self._write(entry)
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        assert self._handle is not None
         self._handle.write(json.dumps(entry) + "\n")
         self._handle.flush()
         if time.monotonic() - self._synced_at >= self._sync_seconds:
+            self._sync()
+
+    def sync(self) -> None:
+        """fsync now (before a report the lines stand for is discarded)."""
+        if self._handle is not None:
+            self._handle.flush()
             self._sync()
 
     def _sync(self) -> None:
@@ -556,6 +626,7 @@ def send_to_dicom(
     calling_ae_title: str,
     progress_file: Path | None = None,
     run: str = "",
+    report_route: ReportRoute | None = None,
 ) -> DeliveryOutcome:
     """One delivery attempt of ``files`` to ``destination`` by C-STORE over one association.
 
@@ -571,9 +642,18 @@ def send_to_dicom(
     saying how many instances were not stored and why, with the same two counts; ``retryable`` is
     False when waiting cannot help (association rejected permanently, TLS refused, only refusals
     of the data itself).
+
+    With ``destination.storage_commitment``, after the C-STOREs (all acknowledged) one N-ACTION
+    asks the destination to commit every acknowledged instance not yet committed, and the attempt
+    waits for its report (:mod:`netrt.commitment`): on this association, or on a new one to
+    ``report_route`` (its folder, and a short-lived receiver on its address when the port is
+    free; None: this association only). Committed and failed instances are appended to the
+    progress file; failed ones count as not acknowledged, so the next attempt sends them again.
+    The outcome's ``committed`` then counts the committed instances; a failed instance, a refused
+    request or no report within ``storage_commitment_timeout_seconds`` raise DeliveryError.
     """
     started = time.perf_counter()
-    done = _acknowledged(progress_file)
+    done, committed_keys = _progress(progress_file)
     instances = [_read_instance(destination, Path(path)) for path in files]
     pending: list[_Instance] = []
     queued: set[tuple[str, str]] = set()
@@ -587,17 +667,35 @@ def send_to_dicom(
             queued.add(key)
     earlier = len(instances) - len(pending) - this_run
     where = _where(destination)
-    if not pending:
+    commit = destination.storage_commitment
+    uncommitted = commit and any((i.sop_instance_uid, i.sha256) not in committed_keys for i in instances)
+    if not pending and not uncommitted:
         return DeliveryOutcome(
             destination.name,
             len(instances),
             this_run,
             earlier,
             f"all {len(instances)} instances already acknowledged by {where} "
-            f"({this_run} in this run, {earlier} in earlier runs of this delivery)",
+            f"({this_run} in this run, {earlier} in earlier runs of this delivery)"
+            + ("; all committed (storage commitment)" if commit else ""),
+            committed=len(instances) if commit else None,
         )
 
     contexts = _requested_contexts(destination, pending)
+    box: ReportBox | None = None
+    roles: list[SCP_SCU_RoleSelectionNegotiation] = []
+    if commit:
+        if len(contexts) >= MAX_PRESENTATION_CONTEXTS:
+            raise DeliveryError(
+                destination.name,
+                f"{len(contexts)} presentation contexts for the instances leave none for Storage Commitment; "
+                f"one association carries at most {MAX_PRESENTATION_CONTEXTS}",
+                retryable=False,
+            )
+        contexts.append(build_context(StorageCommitmentPushModel))
+        # Propose the SCP role too, so the destination may send its report on this association.
+        roles.append(build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True))
+        box = ReportBox()
     try:
         progress = _ProgressLog(progress_file, destination.name, run)
     except OSError as exc:
@@ -608,7 +706,13 @@ def send_to_dicom(
             earlier=earlier,
         ) from exc
     try:
-        assoc, trace = _associate(destination, calling_ae_title, contexts)
+        assoc, trace = _associate(
+            destination,
+            calling_ae_title,
+            contexts,
+            roles=roles,
+            handlers=[(evt.EVT_N_EVENT_REPORT, box.handler)] if box is not None else [],
+        )
     except DeliveryError as exc:
         progress.close()
         exc.stored, exc.earlier = this_run, earlier
@@ -623,6 +727,7 @@ def send_to_dicom(
     _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     failures: list[_Failure] = []
     sent = 0
+    commitment: tuple[int, str] | None = None
     try:
         for index, instance in enumerate(pending):
             if not assoc.is_established or trace.closed:
@@ -678,10 +783,19 @@ def send_to_dicom(
                         f" ({comment})" if comment else "",
                     )
                 progress.record(instance, status)
+                done[(instance.sop_instance_uid, instance.sha256)] = run
                 sent += 1
             else:
                 reason = f"C-STORE status 0x{status:04X} ({category}{': ' + comment if comment else ''})"
                 failures.append(_Failure(instance, reason, _status_retryable(status)))
+        if commit and not failures:
+            try:
+                commitment = _commit(
+                    destination, assoc, trace, instances, done, committed_keys, progress, box, report_route
+                )
+            except DeliveryError as exc:
+                exc.stored, exc.earlier = this_run + sent, earlier
+                raise
     finally:
         progress.close()
         if assoc.is_established:
@@ -719,7 +833,153 @@ def send_to_dicom(
         earlier,
         f"{sent} instances stored at {where} in {elapsed:.1f} s"
         + (f"; {this_run} by earlier attempts of this run" if this_run else "")
-        + (f"; {earlier} by earlier runs of this delivery" if earlier else ""),
+        + (f"; {earlier} by earlier runs of this delivery" if earlier else "")
+        + (f"; {commitment[1]}" if commitment is not None else ""),
+        committed=commitment[0] if commitment is not None else None,
+    )
+
+
+# --- storage commitment ------------------------------------------------------------------------
+
+
+def _commit(
+    destination: DicomDestination,
+    assoc: Association,
+    trace: _Trace,
+    instances: Sequence[_Instance],
+    done: dict[tuple[str, str], str],
+    committed_keys: set[tuple[str, str]],
+    progress: _ProgressLog,
+    box: ReportBox | None,
+    route: ReportRoute | None,
+) -> tuple[int, str]:
+    """Ask ``destination`` to commit every acknowledged, not yet committed instance; wait for the
+    report; record what it says in the progress file. Returns (instances committed, detail);
+    raises DeliveryError when the request is refused, no report comes in time, or any instance is
+    not committed (naming each, with its FailureReason)."""
+    name, where = destination.name, _where(destination)
+    asked: dict[str, _Instance] = {}
+    for instance in instances:
+        key = (instance.sop_instance_uid, instance.sha256)
+        if key in done and key not in committed_keys:
+            asked.setdefault(instance.sop_instance_uid, instance)
+    if not asked:
+        return len(instances), f"storage commitment: all {len(instances)} committed"
+    if not assoc.is_established or trace.closed:
+        raise DeliveryError(name, f"storage commitment not requested: {_ended(trace)} after the C-STOREs")
+    if not any(cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.accepted_contexts):
+        raise DeliveryError(
+            name,
+            f"{where} does not accept Storage Commitment Push Model (1.2.840.10008.1.20.1); enable storage "
+            "commitment there or set storage_commitment: false",
+            retryable=False,
+        )
+    folder = Path(route.reports_dir) if route is not None else None
+    receiver = route.make_receiver() if route is not None else None
+    transaction = new_transaction_uid()
+    try:
+        if receiver is not None:
+            receiver.try_start()  # before the request: a report may follow its response at once
+        requested = time.perf_counter()
+        info = request_dataset(transaction, ((str(i.sop_class_uid), uid) for uid, i in asked.items()))
+        status, _ = assoc.send_n_action(
+            info, ACTION_REQUEST_COMMIT, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
+        )
+        if "Status" not in status:
+            raise DeliveryError(
+                name,
+                f"no answer from {where} to the storage commitment request (N-ACTION, Transaction UID "
+                f"{transaction}): {_ended(trace) if trace.closed else 'association aborted or timed out'}; a PACS "
+                f"does this when NETRT's AE title is not registered with it (e.g. Orthanc's DicomModalities)",
+            )
+        code = int(status.Status)
+        if code != 0x0000:
+            raise DeliveryError(
+                name,
+                f"{where} refused the storage commitment request (Transaction UID {transaction}) with status "
+                f"0x{code:04X} ({code_to_category(code)})",
+                retryable=code in (0x0110, 0x0213),
+            )
+        report = wait_for_report(
+            transaction,
+            destination.storage_commitment_timeout_seconds,
+            box=box,
+            folder=folder,
+            receiver=receiver,
+        )
+        waited = time.perf_counter() - requested
+        listened = receiver.running if receiver is not None else False
+    finally:
+        if receiver is not None:
+            receiver.stop()
+    if report is None:
+        places = ["on the requesting association"]
+        if route is not None:
+            how = (
+                "its own receiver"
+                if listened
+                else "the running NETRT listener or another delivery's receiver (the port was taken)"
+            )
+            places.append(f"as {route.where()} ({how})")
+            places.append(f"in {route.reports_dir}")
+        raise DeliveryError(
+            name,
+            f"no storage commitment report from {where} for Transaction UID {transaction} within "
+            f"{destination.storage_commitment_timeout_seconds:g} s; NETRT listened " + ", ".join(places),
+        )
+    return _apply_report(destination, report, asked, instances, committed_keys, progress, folder, waited)
+
+
+def _apply_report(
+    destination: DicomDestination,
+    report: CommitmentReport,
+    asked: dict[str, _Instance],
+    instances: Sequence[_Instance],
+    committed_keys: set[tuple[str, str]],
+    progress: _ProgressLog,
+    folder: Path | None,
+    waited: float,
+) -> tuple[int, str]:
+    failed: list[tuple[str, int | None]] = []
+    missing: list[str] = []
+    for uid, instance in asked.items():
+        if uid in report.failed:
+            progress.record_commitment(instance, "commit_failed", report.transaction_uid, report.failed[uid])
+            failed.append((uid, report.failed[uid]))
+        elif uid in report.committed:
+            progress.record_commitment(instance, "committed", report.transaction_uid)
+            committed_keys.add((uid, instance.sha256))
+        else:
+            missing.append(uid)
+    progress.sync()
+    if folder is not None:
+        discard_report(folder, report.transaction_uid)
+    committed = sum((i.sop_instance_uid, i.sha256) in committed_keys for i in instances)
+    logger.info(
+        "%s: storage commitment %s: %d committed, %d failed, %d not in the report (%s, %.2f s)",
+        destination.name,
+        report.transaction_uid,
+        len(asked) - len(failed) - len(missing),
+        len(failed),
+        len(missing),
+        report.route,
+        waited,
+    )
+    if failed or missing:
+        named = [f"{uid} ({failure_reason_text(reason)})" for uid, reason in failed]
+        named += [f"{uid} (not in the report)" for uid in missing]
+        shown = "; ".join(named[:10]) + (
+            f"; and {len(named) - 10} more (see the progress file)" if len(named) > 10 else ""
+        )
+        raise DeliveryError(
+            destination.name,
+            f"{len(failed) + len(missing)} of {len(instances)} instances not committed by {_where(destination)} "
+            f"(storage commitment, Transaction UID {report.transaction_uid}, report on the {report.route}): "
+            f"{shown}; the next attempt sends them again",
+            retryable=not failed or any(reason != 0x0122 for _, reason in failed),
+        )
+    return committed, (
+        f"storage commitment: all {committed} committed (report on the {report.route} after {waited:.2f} s)"
     )
 
 
