@@ -395,11 +395,26 @@ class ReportReceiver:
 
 
 class ReportBox:
-    """Holds the reports that arrive on the requesting association (filled by pynetdicom's thread)."""
+    """Holds the reports that arrive on the requesting association (filled by pynetdicom's thread).
+
+    A report is handed out only once NETRT's N-EVENT-REPORT response has been sent (``sent``,
+    bound to EVT_DIMSE_SENT): otherwise the sender could release the association before the
+    peer has its answer.
+    """
 
     def __init__(self) -> None:
         self._reports: dict[str, CommitmentReport] = {}
+        self._answering: list[CommitmentReport] = []
         self._lock = threading.Lock()
+
+    def sent(self, event: Event) -> None:
+        """EVT_DIMSE_SENT handler: a report whose response has gone out becomes available."""
+        if type(event.message).__name__ != "N_EVENT_REPORT_RSP":  # type: ignore[attr-defined]
+            return
+        with self._lock:
+            for report in self._answering:
+                self._reports[report.transaction_uid] = report
+            self._answering.clear()
 
     def handler(self, event: Event) -> tuple[int, None]:
         """EVT_N_EVENT_REPORT handler for the requesting association; never raises."""
@@ -419,7 +434,7 @@ class ReportBox:
             logger.exception("storage commitment report on the requesting association could not be handled")
             return STATUS_PROCESSING_FAILURE, None
         with self._lock:
-            self._reports[report.transaction_uid] = report
+            self._answering.append(report)
         return STATUS_SUCCESS, None
 
     def get(self, transaction_uid: str) -> CommitmentReport | None:

@@ -711,7 +711,7 @@ def send_to_dicom(
             calling_ae_title,
             contexts,
             roles=roles,
-            handlers=[(evt.EVT_N_EVENT_REPORT, box.handler)] if box is not None else [],
+            handlers=[(evt.EVT_N_EVENT_REPORT, box.handler), (evt.EVT_DIMSE_SENT, box.sent)] if box is not None else [],
         )
     except DeliveryError as exc:
         progress.close()

@@ -384,3 +384,108 @@ def test_netrt_process_reports_commitment_and_quarantines_a_timeout_as_retryable
     assert reason["retryable"] is True
     assert "no storage commitment report" in reason["error"]
     assert len([e for e in result["events"] if e["event"] == "delivered"]) == 1
+
+
+# --- loopback (127.0.0.1): the routes Orthanc does not use, and hostile reports -------------------
+
+
+def test_report_on_the_requesting_association_is_taken(study: dict[str, Any], tmp_path: Path) -> None:
+    """No Orthanc route uses it, so a pynetdicom peer (a real association over loopback) plays a
+    PACS that answers the N-ACTION and then reports on the same association, as PS3.4 J.3.3
+    allows once NETRT has proposed the SCP role; no listener, no receiver (no report route)."""
+    import threading
+
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+    from .conftest import free_port
+
+    port = free_port()
+    peer = AE("PEER")
+    for f in study["files"]:
+        peer.add_supported_context(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID)
+    peer.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    answered: list[int] = []
+
+    def on_store(event: Any) -> int:
+        return 0x0000
+
+    def on_action(event: Any) -> tuple[int, None]:
+        # pynetdicom's reactor can take the response meant for a send_* call made outside a
+        # handler (netrt.send works around it for NETRT's side; the same here for the peer's).
+        from netrt.send import _keep_responses_for_the_sender
+
+        _keep_responses_for_the_sender(event.assoc)
+        info = event.action_information
+        report = Dataset()
+        report.TransactionUID = info.TransactionUID
+        report.ReferencedSOPSequence = info.ReferencedSOPSequence
+
+        def send_report() -> None:
+            time.sleep(0.1)
+            status, _ = event.assoc.send_n_event_report(report, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+            answered.append(int(status.Status) if "Status" in status else -1)
+
+        threading.Thread(target=send_report, daemon=True).start()
+        return 0x0000, None
+
+    server = peer.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action)]
+    )
+    try:
+        outcome = send_to_dicom(
+            _destination(ae_title="PEER", port=port, storage_commitment_timeout_seconds=5),
+            [Path(f) for f in study["files"]],
+            calling_ae_title="NETRT",
+            progress_file=tmp_path / "progress.jsonl",
+            run="r1",
+        )
+    finally:
+        server.shutdown()
+    assert outcome.committed == len(study["files"])
+    assert "report on the same association" in outcome.detail
+    assert answered == [0x0000]
+
+
+def test_a_hostile_report_is_refused_and_never_becomes_a_path(tmp_path: Path) -> None:
+    """A report on a new association whose Transaction UID is a path (``../../x``) is answered
+    0x0115 by the receiver and nothing is written; a good one is recorded under its checked UID."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, build_role
+    from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+    from netrt.commitment import ReportReceiver, read_report
+
+    from .conftest import free_port
+
+    port = free_port()
+    folder = tmp_path / "data" / "state" / "commitments"
+    receiver = ReportReceiver(folder, ae_title="NETRT", host="127.0.0.1", port=port)
+    assert receiver.try_start()
+    statuses = {}
+    try:
+        pacs = AE("PACS")
+        pacs.add_requested_context(StorageCommitmentPushModel)
+        assoc = pacs.associate(
+            "127.0.0.1", port, ae_title="NETRT", ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)]
+        )
+        assert assoc.is_established
+        for name, uid in (("hostile", "../../escaped"), ("good", "1.2.3.4")):
+            report = Dataset()
+            report.TransactionUID = uid
+            item = Dataset()
+            item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+            item.ReferencedSOPInstanceUID = "1.2.3.4.5"
+            report.ReferencedSOPSequence = [item]
+            status, _ = assoc.send_n_event_report(report, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+            statuses[name] = int(status.Status)
+        assoc.release()
+    finally:
+        receiver.stop()
+    assert statuses == {"hostile": 0x0115, "good": 0x0000}
+    assert sorted(p.name for p in folder.iterdir()) == ["1.2.3.4.json"]
+    assert not (tmp_path / "escaped.json").exists() and not (tmp_path / "data" / "escaped.json").exists()
+    recorded = read_report(folder, "1.2.3.4")
+    assert recorded is not None and recorded.committed == {"1.2.3.4.5"}
+    assert recorded.route == "new association from AE 'PACS' at 127.0.0.1"
