@@ -8,10 +8,12 @@ What these scenarios established about Orthanc 1.10 (Debian ``orthanc``), assert
   the requesting association in any run;
 - it refuses the N-ACTION of an AE title missing from ``DicomModalities`` (its log: "Rejected
   N-ACTION request from remote DICOM modality"; NETRT gets no N-ACTION response);
-- an instance deleted after it was stored is reported in FailedSOPSequence.
-- a round trip (N-ACTION to the report received on a new association) takes about 0.05 s for a
-  few instances on this machine (``test_every_instance_committed_report_on_a_new_association``
-  prints it).
+- an instance deleted after it was stored is reported in FailedSOPSequence with FailureReason
+  0x0112 (no such object instance);
+- a round trip (N-ACTION sent to the report received on a new association) took 0.03-0.04 s for
+  9 instances here (three runs of ``pytest -s -n 0 tests/test_storage_commitment.py -k
+  new_association``, which prints it); the whole attempt, association and C-STOREs included,
+  0.6-0.7 s.
 """
 
 from __future__ import annotations
