@@ -8,7 +8,7 @@ only the ROIs they draw, so steps keep exchanging paths rather than volumes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +16,10 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 
-from netrt.errors import DicomInputError
+from netrt.errors import DicomInputError, RoiError
 from netrt.fileio import atomic_output
+from netrt.geometry import ImageGeometry
+from netrt.masks import RoiContours, read_structure_set, roi_mask, selection_reason
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -158,3 +160,45 @@ def load_roi_box(path: Path, number: int) -> RoiBox:
 def load_roi_mask(path: Path, number: int) -> BoolArray:
     """One ROI's mask from :func:`save_roi_masks`' file on the whole grid; KeyError when it holds no such ROI."""
     return load_roi_box(path, number).full()
+
+
+class _RasterisedOnDemand(Mapping[int, BoolArray]):
+    """ROI number -> mask, rasterised when asked: :func:`save_roi_masks` walks it once, so only one
+    whole-grid mask exists at a time (ten ROIs of 512x512x200 would otherwise hold 0.5 GB)."""
+
+    def __init__(self, rois: Sequence[RoiContours], geometry: ImageGeometry) -> None:
+        self._rois = {roi.number: roi for roi in rois}
+        self._geometry = geometry
+
+    def __getitem__(self, number: int) -> BoolArray:
+        return roi_mask(self._rois[number], self._geometry)[0]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._rois)
+
+    def __len__(self) -> int:
+        return len(self._rois)
+
+
+def build_roi_masks(
+    rtstruct_file: Path, geometry: ImageGeometry, include: Sequence[str], ignore: Sequence[str], path: Path
+) -> tuple[list[RoiInfo], Path]:
+    """Rasterise every ROI kept by ``include``/``ignore`` on ``geometry``; store the masks at ``path``.
+
+    The selection and the rasteriser are the merged mask's (:func:`netrt.masks.merge_rois`), applied
+    ROI by ROI. Masks are as rasterised: grid slices missing from the series stay empty (no contour
+    lies there); a kind that draws on the whole grid fills them itself. Returns the kept ROIs in
+    RTSTRUCT order (colour and type from :func:`read_roi_infos`) and ``path``; raises
+    :class:`RoiError` when no ROI is kept, as the merged mask does.
+    """
+    structures = read_structure_set(rtstruct_file)
+    kept = [roi for roi in structures if selection_reason(roi.name, include, ignore)[0]]
+    if not kept:
+        names = ", ".join(repr(roi.name) for roi in structures) or "none"
+        raise RoiError(
+            "(all)",
+            f"no ROI is kept (ROIs in the structure set: {names}; check processing.include_rois "
+            "and processing.ignore_rois)",
+        )
+    save_roi_masks(_RasterisedOnDemand(kept, geometry), path)
+    return read_roi_infos(rtstruct_file, [(roi.number, roi.name) for roi in kept]), path
