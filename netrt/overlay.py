@@ -65,8 +65,11 @@ from netrt.uids import checked_uid, derived_uid
 
 BoolArray = npt.NDArray[np.bool_]
 
-#: The overlay group NETRT writes (the first of the 16 repeating groups 6000-601E).
+#: The first overlay group NETRT writes (of the 16 repeating groups 6000-601E; per-ROI overlays
+#: use 6000, 6002, ... one per ROI).
 OVERLAY_GROUP = 0x6000
+#: How many overlay groups a data set can carry (PS3.3 C.9.2: groups 6000-601E, even).
+MAX_OVERLAY_GROUPS = 16
 TAG_OVERLAY_ROWS = 0x60000010
 TAG_OVERLAY_COLUMNS = 0x60000011
 TAG_OVERLAY_DESCRIPTION = 0x60000022
@@ -127,6 +130,14 @@ class SeriesSettings:
     series_number: int
     roi_label: str
     settings_key: str
+    # Per-ROI overlay groups (``processing.overlay_groups: per_roi``): one label (the ROI name) per
+    # group 6000, 6002, ... in order; empty: the merged mask alone in group 6000.
+    layer_labels: tuple[str, ...] = ()
+
+    @property
+    def groups(self) -> tuple[int, ...]:
+        """The overlay groups written: 6000 alone (merged), or one per layer label."""
+        return tuple(OVERLAY_GROUP + 2 * g for g in range(max(len(self.layer_labels), 1)))
 
 
 def _lo(text: str) -> str:
@@ -206,10 +217,11 @@ def _derivation(plane: str, source_series_uid: str, settings: SeriesSettings, bu
         what = f"{plane} reformat of the source series (SimpleITK: linear image, signed-distance mask)" + (
             "; mask outline burned in" if burn_in else ""
         )
-    return (
-        f"NETRT overlay series of {source_series_uid}: {what}; overlay 6000 holds the merged ROI mask "
-        f"({_lo(settings.roi_label)})"
-    )[:1024]
+    if settings.layer_labels:
+        held = f"overlays 6000-{settings.groups[-1]:04X} hold one ROI each ({_lo(settings.roi_label)})"
+    else:
+        held = f"overlay 6000 holds the merged ROI mask ({_lo(settings.roi_label)})"
+    return f"NETRT overlay series of {source_series_uid}: {what}; {held}"[:1024]
 
 
 def _spellable(text: str, encodings: list[str]) -> bool:
@@ -241,25 +253,42 @@ def _use_utf8_if_needed(ds: Dataset, texts: Iterable[str]) -> None:
     ds.SpecificCharacterSet = "ISO_IR 192"
 
 
-def _add_overlay_module(ds: Dataset, rows: int, columns: int, label: str) -> None:
-    """Overlay Plane module in group 6000; OverlayData is filled per slice by :func:`_set_overlay`."""
+def _overlay_tag(group: int, element: int) -> int:
+    return (group << 16) | element
+
+
+def _add_overlay_module(ds: Dataset, rows: int, columns: int, settings: SeriesSettings) -> None:
+    """Overlay Plane modules, one per group of ``settings``; OverlayData is filled per slice by
+    :func:`_set_overlays`. Merged: group 6000 labelled with every kept ROI; per ROI: group
+    6000 + 2g labelled with ROI g's name (OverlayLabel) and described as one ROI of NETRT's."""
+    labels = settings.layer_labels or (settings.roi_label,)
+    descriptions = [f"NETRT ROI: {label}" for label in labels] if settings.layer_labels else [settings.roi_label]
     _use_utf8_if_needed(
-        ds, (_lo(label), str(ds.get("SeriesDescription", "")), str(ds.get("DerivationDescription", "")))
+        ds,
+        (
+            *(_lo(t) for t in (*labels, *descriptions)),
+            str(ds.get("SeriesDescription", "")),
+            str(ds.get("DerivationDescription", "")),
+        ),
     )
-    ds.add_new(TAG_OVERLAY_ROWS, "US", rows)
-    ds.add_new(TAG_OVERLAY_COLUMNS, "US", columns)
-    ds.add_new(TAG_OVERLAY_DESCRIPTION, "LO", _lo(label))
-    ds.add_new(TAG_OVERLAY_TYPE, "CS", "G")
-    ds.add_new(TAG_OVERLAY_ORIGIN, "SS", [1, 1])
-    ds.add_new(TAG_OVERLAY_BITS_ALLOCATED, "US", 1)
-    ds.add_new(TAG_OVERLAY_BIT_POSITION, "US", 0)
-    ds.add_new(TAG_OVERLAY_LABEL, "LO", _lo(label))
-    ds.add_new(TAG_OVERLAY_DATA, "OW", b"")
+    for group, label, description in zip(settings.groups, labels, descriptions, strict=True):
+        ds.add_new(_overlay_tag(group, 0x0010), "US", rows)
+        ds.add_new(_overlay_tag(group, 0x0011), "US", columns)
+        ds.add_new(_overlay_tag(group, 0x0022), "LO", _lo(description))
+        ds.add_new(_overlay_tag(group, 0x0040), "CS", "G")
+        ds.add_new(_overlay_tag(group, 0x0050), "SS", [1, 1])
+        ds.add_new(_overlay_tag(group, 0x0100), "US", 1)
+        ds.add_new(_overlay_tag(group, 0x0102), "US", 0)
+        ds.add_new(_overlay_tag(group, 0x1500), "LO", _lo(label))
+        ds.add_new(_overlay_tag(group, 0x3000), "OW", b"")
 
 
-def _set_overlay(ds: Dataset, mask_slice: BoolArray) -> None:
-    """OverlayData of one slice: the mask row by row, first pixel in the lowest bit (PS3.5 8.1.1)."""
-    ds[TAG_OVERLAY_DATA].value = pack_bits(mask_slice.view(np.uint8))
+def _set_overlays(ds: Dataset, masks: Sequence[BoolArray]) -> None:
+    """OverlayData of one slice, one mask per group: row by row, first pixel in the lowest bit (PS3.5 8.1.1)."""
+    for g, mask_slice in enumerate(masks):
+        ds[_overlay_tag(OVERLAY_GROUP + 2 * g, 0x3000)].value = pack_bits(
+            np.ascontiguousarray(mask_slice).view(np.uint8)
+        )
 
 
 def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> FileMetaDataset:
@@ -378,14 +407,41 @@ def _check_mask(mask: npt.ArrayLike, slices: int, what: str) -> BoolArray:
     return np.ascontiguousarray(array)
 
 
+def _check_layers(settings: SeriesSettings, given: bool) -> None:
+    if len(settings.layer_labels) > MAX_OVERLAY_GROUPS:
+        raise ValueError(
+            f"{len(settings.layer_labels)} overlay layers; a data set holds at most {MAX_OVERLAY_GROUPS} groups"
+        )
+    if bool(settings.layer_labels) != given:
+        raise ValueError("per-ROI layers are given exactly when the settings name them (layer_labels)")
+
+
+def _slice_layers(
+    settings: SeriesSettings, layers: Callable[[int], Sequence[BoolArray]] | None, index: int, merged: BoolArray
+) -> Sequence[BoolArray]:
+    if layers is None:
+        return [merged]
+    masks = layers(index)
+    if len(masks) != len(settings.layer_labels) or any(m.shape != merged.shape for m in masks):
+        raise ValueError(
+            f"slice {index}: {len(masks)} layer masks for {len(settings.layer_labels)} labels, "
+            f"or not of the slice's shape {merged.shape}"
+        )
+    return masks
+
+
 def write_axial_series(
     source_files: Sequence[Path],
     mask: npt.ArrayLike,
     out_dir: Path,
     settings: SeriesSettings,
     burn_in: bool = False,
+    layers: Callable[[int], Sequence[BoolArray]] | None = None,
 ) -> list[Path]:
     """Write the axial overlay series: each source slice again, with ``mask[k]`` as its overlay.
+
+    With per-ROI overlay groups (``settings.layer_labels``), ``layers(k)`` gives the masks of
+    file ``k``, one per group in label order, and the merged ``mask`` only feeds the burn-in.
 
     ``source_files`` are the image files in spatial order (slice ``k`` of ``mask``, ``[slice,
     row, col]``, belongs to ``source_files[k]``). Everything but the series/instance identity,
@@ -402,6 +458,7 @@ def write_axial_series(
     if not files:
         raise ValueError("no source files given")
     masks = _check_mask(mask, len(files), "source files")
+    _check_layers(settings, layers is not None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -450,8 +507,8 @@ def write_axial_series(
         instance_uid = output_instance_uid(series_uid, index)
         ds.file_meta = _file_meta(sop_class, instance_uid, transfer_syntax)
         _set_instance(ds, instance_uid, index + 1)
-        _add_overlay_module(ds, rows, columns, settings.roi_label)
-        _set_overlay(ds, masks[index])
+        _add_overlay_module(ds, rows, columns, settings)
+        _set_overlays(ds, _slice_layers(settings, layers, index, masks[index]))
         written.append(_save(ds, out_dir))
     return written
 
@@ -490,22 +547,30 @@ def _reformat_template(
     ds.PixelRepresentation = fmt.pixel_representation
     ds.SamplesPerPixel = 1
     ds.file_meta = _file_meta(sop_class, series_uid, ExplicitVRLittleEndian)
-    _add_overlay_module(ds, rows, columns, settings.roi_label)
+    _add_overlay_module(ds, rows, columns, settings)
     ds.add_new(TAG_PIXEL_DATA, "OB" if fmt.bits_allocated == 8 else "OW", b"")
     return ds, fmt, series_uid
 
 
-#: The elements that differ between the slices of a reformatted series (see :func:`_set_slice`).
-_SLICE_TAGS = (0x00080018, 0x00200013, 0x00200032, TAG_OVERLAY_DATA, TAG_PIXEL_DATA)
+def _slice_tags(settings: SeriesSettings) -> tuple[int, ...]:
+    """The elements that differ between the slices of a reformatted series (see :func:`_set_slice`):
+    SOPInstanceUID, InstanceNumber, ImagePositionPatient, each group's OverlayData, PixelData."""
+    overlays = tuple(_overlay_tag(group, 0x3000) for group in settings.groups)
+    return (0x00080018, 0x00200013, 0x00200032, *overlays, TAG_PIXEL_DATA)
 
 
 def _set_slice(
-    ds: Dataset, series_uid: str, index: int, position: Iterable[float], stored: npt.NDArray[Any], mask: BoolArray
+    ds: Dataset,
+    series_uid: str,
+    index: int,
+    position: Iterable[float],
+    stored: npt.NDArray[Any],
+    masks: Sequence[BoolArray],
 ) -> None:
-    """Make ``ds`` slice ``index``: SOP Instance UID, InstanceNumber, ImagePositionPatient, overlay, pixels."""
+    """Make ``ds`` slice ``index``: SOP Instance UID, InstanceNumber, ImagePositionPatient, overlays, pixels."""
     ds.ImagePositionPatient = _ds_strings(position)
     ds[TAG_PIXEL_DATA].value = stored.tobytes()
-    _set_overlay(ds, mask)
+    _set_overlays(ds, masks)
     _set_instance(ds, output_instance_uid(series_uid, index), index + 1)
 
 
@@ -516,25 +581,26 @@ class _SliceEncoder:
     A slice file is what ``dcmwrite(path, ds, enforce_file_format=True)`` writes for the template
     after :func:`_set_slice`: preamble, ``DICM``, the File Meta Information (encoded per slice:
     its group length depends on the SOP Instance UID) and the data set in tag order. The data set
-    is cut at the :data:`_SLICE_TAGS`; the runs of elements between them never change and are
-    encoded once, by pydicom's own ``write_dataset``, and only the five slice elements are encoded
+    is cut at the slice tags (:func:`_slice_tags`); the runs of elements between them never change and are
+    encoded once, by pydicom's own ``write_dataset``, and only the slice elements are encoded
     per slice (``write_data_element``). ``tests/test_overlay.py`` checks the bytes against
     ``dcmwrite`` slice for slice.
     """
 
     ds: Dataset
-    runs: tuple[bytes, ...]  # len(_SLICE_TAGS) + 1 runs around the slice elements
+    slice_tags: tuple[int, ...]
+    runs: tuple[bytes, ...]  # len(slice_tags) + 1 runs around the slice elements
     encodings: str | list[str]
 
 
-def _encoder(ds: Dataset) -> _SliceEncoder:
+def _encoder(ds: Dataset, slice_tags: tuple[int, ...]) -> _SliceEncoder:
     """Prepare ``ds`` (already holding every slice element, see :func:`_set_slice`) for :func:`_encode`.
 
     Every element is decoded and its VR made unambiguous first, so that an element encodes to the
     same bytes alone as within the whole data set (``dcmwrite`` does the same conversion whenever
     the source's encoding or character set differs from the output's).
     """
-    missing = [f"({tag >> 16:04X},{tag & 0xFFFF:04X})" for tag in _SLICE_TAGS if tag not in ds]
+    missing = [f"({tag >> 16:04X},{tag & 0xFFFF:04X})" for tag in slice_tags if tag not in ds]
     if missing:
         raise ValueError(f"the template lacks slice elements {', '.join(missing)}")
     for tag in list(ds.keys()):
@@ -543,7 +609,7 @@ def _encoder(ds: Dataset) -> _SliceEncoder:
     encodings = ds.get("SpecificCharacterSet", default_encoding)
     runs: list[bytes] = []
     tags = sorted(ds.keys())
-    for low, high in pairwise([-1, *_SLICE_TAGS, 0x100000000]):
+    for low, high in pairwise([-1, *slice_tags, 0x100000000]):
         part = Dataset()
         for tag in tags:
             if low < tag < high:
@@ -551,7 +617,7 @@ def _encoder(ds: Dataset) -> _SliceEncoder:
         buffer = _buffer()
         write_dataset(buffer, part, encodings)
         runs.append(buffer.getvalue())
-    return _SliceEncoder(ds, tuple(runs), encodings)
+    return _SliceEncoder(ds, slice_tags, tuple(runs), encodings)
 
 
 def _buffer() -> DicomBytesIO:
@@ -567,7 +633,7 @@ def _encode(encoder: _SliceEncoder) -> list[bytes]:
     meta = _buffer()
     write_file_meta_info(meta, copy.copy(ds.file_meta), enforce_standard=True)
     pieces = [_PREAMBLE, meta.getvalue(), encoder.runs[0]]
-    for tag, run in zip(_SLICE_TAGS, encoder.runs[1:], strict=True):
+    for tag, run in zip(encoder.slice_tags, encoder.runs[1:], strict=True):
         element = _buffer()
         write_data_element(element, ds[tag], encoder.encodings)
         pieces += [element.getvalue(), run]
@@ -628,13 +694,16 @@ def write_reformatted_slabs(
     writers: list[_SeriesWriter] = []
     fmt: _PixelFormat | None = None
     for output in outputs:
+        if output.settings.layer_labels:
+            _check_layers(output.settings, True)
         ds, fmt, series_uid = _reformat_template(Path(template_file), plane, geometry, output.settings, output.burn_in)
-        _set_slice(
-            ds, series_uid, 0, geometry.origin, np.zeros((rows, columns), fmt.dtype), np.zeros((rows, columns), bool)
-        )
+        empty = [np.zeros((rows, columns), bool)] * len(output.settings.groups)
+        _set_slice(ds, series_uid, 0, geometry.origin, np.zeros((rows, columns), fmt.dtype), empty)
         out_dir = Path(output.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        writers.append(_SeriesWriter(out_dir, output.burn_in, series_uid, _encoder(ds), []))
+        writers.append(
+            _SeriesWriter(out_dir, output.burn_in, series_uid, _encoder(ds, _slice_tags(output.settings)), [])
+        )
     expected = 0
     for slab in slabs:
         if slab.first != expected or slab.image.shape[1:] != (rows, columns) or slab.mask.shape != slab.image.shape:
@@ -647,16 +716,27 @@ def write_reformatted_slabs(
             raise ValueError(f"slabs run past the {slices} slices of the grid")
         if fmt is None:
             continue
+        for output in outputs:
+            if output.settings.layer_labels and (
+                len(slab.layers) != len(output.settings.layer_labels)
+                or any(layer.shape != slab.mask.shape for layer in slab.layers)
+            ):
+                raise ValueError(
+                    f"slab at slice {slab.first}: {len(slab.layers)} layer masks for "
+                    f"{len(output.settings.layer_labels)} overlay labels, or not of the slab's shape"
+                )
         stored_slab = fmt.to_stored(slab.image)
         for offset in range(slab.image.shape[0]):
             index = slab.first + offset
             mask_slice = np.ascontiguousarray(slab.mask[offset])
-            for writer in writers:
+            layer_slices = [np.ascontiguousarray(layer[offset]) for layer in slab.layers]
+            for writer, output in zip(writers, outputs, strict=True):
                 stored = stored_slab[offset]
                 if writer.burn_in:
                     stored = _burned(writer.encoder.ds, stored, mask_slice, fmt)
+                overlays = layer_slices if output.settings.layer_labels else [mask_slice]
                 _set_slice(
-                    writer.encoder.ds, writer.series_uid, index, geometry.origin + index * step, stored, mask_slice
+                    writer.encoder.ds, writer.series_uid, index, geometry.origin + index * step, stored, overlays
                 )
                 pieces = _encode(writer.encoder)
                 writer.written.append(_save_bytes(pieces, writer.encoder.ds.SOPInstanceUID, writer.out_dir))

@@ -262,19 +262,28 @@ class MaskField:
     image: sitk.Image | None = None
 
 
-def prepare_mask(mask: npt.ArrayLike, source: ImageGeometry, method: str = MASK_INTERPOLATION) -> MaskField:
+def prepare_mask(
+    mask: npt.ArrayLike,
+    source: ImageGeometry,
+    method: str = MASK_INTERPOLATION,
+    within: tuple[slice, slice, slice] | None = None,
+) -> MaskField:
     """The mask (bool ``[slice, row, col]`` on ``source``) ready for :func:`reformat_slabs`.
 
     Only the mask's bounding box (plus a margin) is kept, as a signed distance map for the default
-    method (see :func:`_resample_mask`); the caller may drop the mask afterwards.
+    method (see :func:`_resample_mask`); the caller may drop the mask afterwards. With ``within``,
+    ``mask`` is only the part of the mask inside that index box of ``source`` (zero elsewhere), as
+    :class:`netrt.outputs.rois.RoiBox` keeps a per-ROI mask: the whole-grid volume is never made.
 
     Raises:
         NetrtError: unknown method.
-        ValueError: the mask does not have the shape of ``source``.
+        ValueError: the mask does not have the shape of ``source`` (or of ``within``).
     """
     if method not in _MASK_METHODS:
         raise NetrtError(f"unknown mask interpolation {method!r}; expected one of {', '.join(_MASK_METHODS)}")
     mask_in = np.asarray(mask, dtype=bool)
+    if within is not None:
+        return _prepare_mask_within(mask_in, source, method, within)
     if mask_in.shape != source.shape:
         raise ValueError(f"mask shape {mask_in.shape} does not match the source grid {source.shape}")
     box = _mask_box(mask_in, _MASK_MARGIN)
@@ -286,6 +295,40 @@ def prepare_mask(mask: npt.ArrayLike, source: ImageGeometry, method: str = MASK_
     if method == "distance":
         return MaskField(method, region, _signed_distance(mask_in[box], region))
     return MaskField(method, region, to_sitk_image(mask_in[box], region))
+
+
+def _prepare_mask_within(
+    part: BoolArray, source: ImageGeometry, method: str, within: tuple[slice, slice, slice]
+) -> MaskField:
+    """:func:`prepare_mask` of a mask given as its content inside the index box ``within``."""
+    starts = [int(s.start or 0) for s in within]
+    if any(s.step not in (None, 1) for s in within) or part.shape != tuple(
+        min(int(s.stop), n) - start for s, n, start in zip(within, source.shape, starts, strict=True)
+    ):
+        raise ValueError(f"mask part {part.shape} does not fill the box {within} of the source grid {source.shape}")
+    inner = _mask_box(part, 0)
+    if inner is None:
+        return MaskField("empty")
+    if part.shape == source.shape and bool(part.all()):
+        return MaskField("full")
+    # The part's own bounding box, grown by the margin within the whole grid, filled from the part.
+    lo = [max(starts[a] + int(inner[a].start) - _MASK_MARGIN, 0) for a in range(3)]
+    hi = [min(starts[a] + int(inner[a].stop) + _MASK_MARGIN, source.shape[a]) for a in range(3)]
+    grown = np.zeros([h - low for low, h in zip(lo, hi, strict=True)], dtype=bool)
+    src = tuple(slice(int(inner[a].start), int(inner[a].stop)) for a in range(3))
+    dst = tuple(slice(starts[a] + src[a].start - lo[a], starts[a] + src[a].stop - lo[a]) for a in range(3))
+    grown[dst] = part[src]
+    box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+    region = _sub_geometry(source, box)
+    if method == "distance":
+        return MaskField(method, region, _signed_distance(grown, region))
+    return MaskField(method, region, to_sitk_image(grown, region))
+
+
+def mask_slabs(field: MaskField, target: ImageGeometry) -> Iterator[BoolArray]:
+    """The prepared mask on ``target``, slab by slab as :func:`reformat_slabs` cuts it (for writers
+    that draw masks on a reformatted grid without resampling the image again)."""
+    yield from _mask_slabs(field, target, _slab_bounds(target))
 
 
 def _mask_slabs(field: MaskField, target: ImageGeometry, bounds: Iterable[tuple[int, int]]) -> Iterator[BoolArray]:
@@ -382,17 +425,23 @@ class ReformatSource:
     image: sitk.Image
     background: float
     mask: MaskField
+    layers: tuple[MaskField, ...] = ()
 
 
 def prepare_source(
-    volume: npt.ArrayLike | sitk.Image, mask: npt.ArrayLike | MaskField, source: ImageGeometry
+    volume: npt.ArrayLike | sitk.Image,
+    mask: npt.ArrayLike | MaskField,
+    source: ImageGeometry,
+    layers: Sequence[MaskField] = (),
 ) -> ReformatSource:
     """``volume`` and ``mask`` on ``source`` ready for :func:`reformat_slabs`.
 
     ``volume`` is an array ``[slice, row, col]`` in modality units (any real dtype; copied once
     into SimpleITK as it is, int16 stays int16) or a SimpleITK image of ``source.size`` (used as
     it is and placed on ``source``, e.g. from :func:`netrt.study.read_source_image`). ``mask`` is
-    a bool array on ``source`` or a :class:`MaskField` from :func:`prepare_mask`.
+    a bool array on ``source`` or a :class:`MaskField` from :func:`prepare_mask`; ``layers`` are
+    further prepared masks (one per ROI, for per-ROI overlays) resampled beside it into
+    :attr:`PlaneSlab.layers`.
 
     Raises:
         ValueError: ``volume`` or ``mask`` does not have the shape of ``source``.
@@ -407,7 +456,7 @@ def prepare_source(
     prepared_mask = mask if isinstance(mask, MaskField) else prepare_mask(mask, source)
     extremes: Any = _sitk.MinimumMaximumImageFilter()
     extremes.Execute(image)
-    return ReformatSource(source, image, float(extremes.GetMinimum()), prepared_mask)
+    return ReformatSource(source, image, float(extremes.GetMinimum()), prepared_mask, tuple(layers))
 
 
 @dataclass(frozen=True)
@@ -423,6 +472,8 @@ class PlaneSlab:
     image: Float32Array
     mask: BoolArray
     owner: object = field(default=None, repr=False, compare=False)
+    # Per-ROI masks of the same slices (``ReformatSource.layers``), in layer order.
+    layers: tuple[BoolArray, ...] = ()
 
 
 def reformat_slabs(prepared: ReformatSource, target: ImageGeometry) -> Iterator[PlaneSlab]:
@@ -435,9 +486,10 @@ def reformat_slabs(prepared: ReformatSource, target: ImageGeometry) -> Iterator[
     """
     bounds = _slab_bounds(target)
     masks = _mask_slabs(prepared.mask, target, bounds)
+    layers = [_mask_slabs(layer, target, bounds) for layer in prepared.layers]
     images = _resampled_slabs(prepared.image, target, sitk.sitkLinear, prepared.background, sitk.sitkFloat32)
     for (first, slab, values), mask in zip(images, masks, strict=True):
-        yield PlaneSlab(first, values, mask, slab)
+        yield PlaneSlab(first, values, mask, slab, tuple(next(layer) for layer in layers))
 
 
 def _gather(prepared: ReformatSource, plane: str, spacing_mm: float | None) -> PlaneVolume:

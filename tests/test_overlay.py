@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from netrt.overlay import (
     _PixelFormat,
     _reformat_template,
     _set_slice,
+    _slice_tags,
     output_instance_uid,
     output_series_uid,
     series_description,
@@ -544,14 +545,16 @@ def test_streamed_writer_refuses_slabs_that_do_not_tile_the_grid(tmp_path: Path,
         write_reformatted_slabs("axial", plane.geometry, [slab(0, n)], template, output)
 
 
-@pytest.mark.parametrize("source_kind", ["as-written", "implicit-latin1-utf8-label"])
+@pytest.mark.parametrize("source_kind", ["as-written", "implicit-latin1-utf8-label", "per-roi-groups"])
 def test_pre_encoded_slices_are_what_dcmwrite_writes(tmp_path: Path, study: Study, source_kind: str) -> None:
     """The constant element runs are encoded once; every slice file must still be, byte for byte,
     what ``dcmwrite(enforce_file_format=True)`` writes for the data set of that slice -- also for an
     Implicit VR Latin-1 source whose copy switches to UTF-8 for the label."""
     template = study.manifest.image_files[0]
     settings = SETTINGS
-    if source_kind != "as-written":
+    if source_kind == "per-roi-groups":
+        settings = replace(SETTINGS, layer_labels=("sphere", "box", "Ωmega"))
+    if source_kind == "implicit-latin1-utf8-label":
         ds = dcmread(template)
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.PatientName = "Müller^Jörg"
@@ -565,13 +568,20 @@ def test_pre_encoded_slices_are_what_dcmwrite_writes(tmp_path: Path, study: Stud
     for burn_in in (False, True):
         ds, fmt, series_uid = _reformat_template(template, "sagittal", geometry, settings, burn_in)
         blank = np.zeros(geometry.shape[1:], bool)
-        _set_slice(ds, series_uid, 0, geometry.origin, blank.astype(fmt.dtype), blank)
-        encoder = _encoder(ds)
+        groups = len(settings.groups)
+        _set_slice(ds, series_uid, 0, geometry.origin, blank.astype(fmt.dtype), [blank] * groups)
+        encoder = _encoder(ds, _slice_tags(settings))
         for index in (0, 1, geometry.shape[0] // 2, geometry.shape[0] - 1):
             stored = fmt.to_stored(plane.image[index])
-            _set_slice(ds, series_uid, index, geometry.origin + index * step, stored, plane.mask[index])
+            # Per-ROI groups get different masks (the mask, its complement, ...), so a mix-up shows.
+            masks = [plane.mask[index] if g % 2 == 0 else ~plane.mask[index] for g in range(groups)]
+            _set_slice(ds, series_uid, index, geometry.origin + index * step, stored, masks)
             expected = BytesIO()
             dcmwrite(expected, ds, enforce_file_format=True)
             assert b"".join(_encode(encoder)) == expected.getvalue(), (burn_in, index)
         if source_kind != "as-written":
             assert ds.SpecificCharacterSet == "ISO_IR 192"
+        if source_kind == "per-roi-groups":
+            written = dcmread(BytesIO(expected.getvalue()))
+            assert [written[g, 0x1500].value for g in (0x6000, 0x6002, 0x6004)] == ["sphere", "box", "Ωmega"]
+            assert np.array_equal(written.overlay_array(0x6002), ~plane.mask[geometry.shape[0] - 1])

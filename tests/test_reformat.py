@@ -8,7 +8,17 @@ import pytest
 from netrt.errors import NetrtError
 from netrt.geometry import ImageGeometry, index_to_patient, patient_to_index
 from netrt.phantom import PhantomSpec, phantom_geometry, roi_contains, truth_masks
-from netrt.reformat import PLANES, _resample_mask, plane_geometry, reformat, reformat_planes
+from netrt.reformat import (
+    PLANES,
+    _resample_mask,
+    mask_slabs,
+    plane_geometry,
+    prepare_mask,
+    prepare_source,
+    reformat,
+    reformat_planes,
+    reformat_slabs,
+)
 
 
 def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
@@ -228,3 +238,29 @@ def test_phantom_rois_reformat_with_dice_above_095(orientation: str) -> None:
             result = _resample_mask(masks[name], source, target)
             truth = roi_contains(spec, name, points)
             assert _dice(result, truth) >= 0.95, (orientation, plane, name, _dice(result, truth))
+
+
+@pytest.mark.parametrize("plane", ["coronal", "sagittal"])
+def test_a_mask_given_inside_its_box_reformats_exactly_like_the_whole_grid_mask(plane: str) -> None:
+    """Per-ROI masks are kept cut to their bounding boxes (netrt.outputs.rois.RoiBox); preparing one
+    from its box, and resampling it beside the image as a layer, gives the very voxels of the
+    whole-grid mask, also when the box touches the grid's edge (the margin is clipped there)."""
+    source, centre, points, radius = _sphere_case(_rotation(0, 15, 0))
+    whole = np.linalg.norm(points - centre, axis=-1) < radius
+    edge = np.zeros(source.shape, bool)
+    edge[:3, :5, -4:] = True  # touches three faces of the grid
+    volume = np.zeros(source.shape, np.float32)
+    target = plane_geometry(source, plane)
+    for mask in (whole, edge):
+        k, i, j = (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+        box = (slice(k[0], k[-1] + 2), slice(i[0], i[-1] + 1), slice(j[0], j[-1] + 1))
+        from_box = prepare_mask(mask[box], source, within=box)
+        prepared = prepare_source(volume, mask, source, layers=[from_box, prepare_mask(mask, source)])
+        slabs = list(reformat_slabs(prepared, target))
+        merged = np.concatenate([s.mask for s in slabs])
+        assert merged.any()
+        for layer in range(2):
+            np.testing.assert_array_equal(np.concatenate([s.layers[layer] for s in slabs]), merged)
+        np.testing.assert_array_equal(np.concatenate(list(mask_slabs(from_box, target))), merged)
+    with pytest.raises(ValueError, match="does not fill the box"):
+        prepare_mask(whole[:2], source, within=(slice(0, 3), slice(None, source.shape[1]), slice(0, source.shape[2])))
