@@ -1,0 +1,443 @@
+"""The ``color`` output kind: an RGB Secondary Capture series per plane, every ROI in its own colour.
+
+Why this kind exists: overlay groups (60xx) are drawn by few viewers and never in colour, DICOM SEG
+by a few more; an RGB image is drawn by every viewer and PACS. So the picture a physicist needs
+(the image in its own window, each kept ROI's outline in its RTSTRUCT colour, a legend saying which
+colour is which ROI, and a "research only" disclaimer) is burned into the pixels.
+
+Choices, and why:
+
+* **SOP class: single-frame Secondary Capture Image Storage, one instance per slice.** It is the
+  oldest and most widely supported image storage class (every PACS and viewer stores and shows it;
+  Multi-frame True Color SC is refused or shown frame-less by older PACS and some web viewers), and
+  one file per slice is what viewers stack and scroll like the planning CT. Pixels are RGB, 8 bits,
+  uncompressed (Explicit VR Little Endian): no lossy step between the drawing and the reader.
+* **Geometry kept.** The SC IOD has no Image Plane or Frame of Reference module, but viewers read
+  ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness and
+  FrameOfReferenceUID wherever they find them (dciodvfy lists them as standard extended attributes,
+  a warning, not an error), which lets a viewer sort the slices, show reference lines and sync
+  this series with the planning CT. The values are those of the overlay series of the same plane:
+  the received slice's own strings for axial, the reformat grid
+  (:func:`netrt.reformat.plane_geometry`) for coronal and sagittal. PatientOrientation (what the SC
+  IOD does carry) is derived from the same directions.
+* **Modality OT, ConversionType WSD, BurnedInAnnotation YES**: the pixels are no longer CT (or MR)
+  values but a picture made on a workstation, with text burned in. Patient and study modules are
+  copied from the source file (highdicom's ``copy_patient_and_study_information``), which is the
+  anonymized copy when anonymization is on, so nothing identifying comes back in.
+* **Deterministic UIDs** as for the overlay series (:mod:`netrt.overlay`): the series UID is
+  derived from the source series, ``"color-<plane>"`` and the settings key, instances by slice
+  index, so a re-run overwrites instead of duplicating. Files are written under a temporary name
+  and renamed.
+* **Window**: the source's own first WindowCenter/WindowWidth (what the modality chose for it),
+  applied with the linear VOI function of PS3.3 C.11.2.1.2.1; without one, CT gets soft tissue
+  (40/400 HU) and other modalities the 1st-99th percentile of the volume (MR has no absolute scale).
+  One window for the whole series, from its first slice, so slices look alike while scrolling.
+* **Reformats reuse netrt.reformat**: the image exactly as the overlay series resample it, and
+  each ROI's mask through the same signed-distance path (:func:`netrt.reformat.prepare_mask`), one
+  per ROI, streamed slab by slab beside the image slabs: neither the reformatted volume nor any
+  whole-grid ROI mask beyond the one being prepared is held.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk
+from highdicom.sc import SCImage
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import dcmwrite
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.valuerep import format_number_as_ds
+
+from netrt import __version__
+from netrt.burnin import first_value, outline
+from netrt.errors import DicomInputError, NetrtError, RoiError
+from netrt.fileio import atomic_output
+from netrt.geometry import ImageGeometry
+from netrt.outputs.rois import RoiBox, RoiInfo, load_roi_box
+from netrt.outputs.text import Annotation, composite, render_annotation
+from netrt.overlay import output_instance_uid
+
+# reformat's per-slab mask sampler: the same slabs reformat_slabs pairs with the image, for masks
+# sampled apart from the image (one per ROI here). Private there only because the overlay writer
+# needed no other caller; the values are those of reformat_slabs' own mask.
+from netrt.reformat import PLANES, MaskField, _mask_slabs, _slab_bounds, plane_geometry, prepare_mask, prepare_source
+from netrt.reformat import reformat_slabs as _reformat_slabs
+from netrt.study import LoadedStudy, read_source_image
+from netrt.uids import checked_uid, derived_uid
+
+_sitk: Any = sitk
+
+BoolArray = npt.NDArray[np.bool_]
+UInt8Array = npt.NDArray[np.uint8]
+
+DEFAULT_DISCLAIMER = "FOR RESEARCH USE ONLY - NOT FOR CLINICAL USE"
+
+#: Soft-tissue window (HU) for CT without a WindowCenter/WindowWidth of its own.
+CT_DEFAULT_WINDOW = (40.0, 400.0)
+#: Percentiles of the volume spanning the window of other modalities without one.
+DEFAULT_PERCENTILES = (1.0, 99.0)
+#: Voxels the percentiles are computed from at most (an even subsample of a larger volume): the
+#: window only needs two robust quantiles, not a sort of 50 M voxels.
+PERCENTILE_SAMPLES = 1 << 22
+
+MANUFACTURER = "NETRT"
+
+#: LO (Long String) holds at most 64 characters.
+_LO_MAX = 64
+
+
+@dataclass(frozen=True)
+class ColorSettings:
+    """What one colour series looks like.
+
+    ``settings_key``: the hash of every setting that changes the output (as for the overlay series,
+    :func:`netrt.pipeline.settings_key`); it feeds the UIDs, so it must change when ``disclaimer``,
+    ``fill_opacity`` or ``reformat_spacing_mm`` change. ``series_description`` may hold ``{plane}``.
+    ``disclaimer``: burned along the bottom edge; empty turns it off. ``fill_opacity`` (0-1): the
+    ROI's colour blended over its inside at this weight; 0 draws the outline only.
+    ``reformat_spacing_mm``: the coronal/sagittal grid spacing (None: the finest source spacing),
+    as ``processing.reformat_spacing_mm`` for the overlay series.
+    """
+
+    settings_key: str
+    series_number: int
+    series_description: str = "NETRT {plane} colour"
+    disclaimer: str = DEFAULT_DISCLAIMER
+    fill_opacity: float = 0.0
+    reformat_spacing_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        opacity = float(self.fill_opacity)
+        if not math.isfinite(opacity) or not 0.0 <= opacity <= 1.0:
+            raise NetrtError(f"colour fill opacity must be between 0 and 1, got {self.fill_opacity!r}")
+        if isinstance(self.series_number, bool) or int(self.series_number) != self.series_number:
+            raise NetrtError(f"colour series number must be an integer, got {self.series_number!r}")
+
+
+def color_series_uid(source_series_uid: str, plane: str, settings_key: str) -> str:
+    """SeriesInstanceUID of the colour series of ``plane`` (deterministic; never an overlay series' UID)."""
+    _check_plane(plane)
+    return derived_uid(source_series_uid, f"color-{plane}", settings_key)
+
+
+def _check_plane(plane: str) -> None:
+    if plane not in PLANES:
+        raise NetrtError(f"unknown plane {plane!r}; expected one of {', '.join(PLANES)}")
+
+
+# --- window -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """A linear VOI window in modality units, and where it came from (for the derivation text)."""
+
+    center: float
+    width: float
+    origin: str
+
+
+def series_window(source: Dataset, modality: str, volume: npt.NDArray[Any]) -> Window:
+    """The window of a colour series: the source's own, else the modality default (module docstring).
+
+    ``source`` is the series' first file (its header), ``volume`` the image in modality units
+    (only read when a percentile window is needed).
+    """
+    center = first_value(source.get("WindowCenter"))
+    width = first_value(source.get("WindowWidth"))
+    if center is not None and width is not None and math.isfinite(center) and math.isfinite(width) and width >= 1:
+        return Window(center, width, "the source's WindowCenter/WindowWidth")
+    if modality.upper() == "CT":
+        return Window(*CT_DEFAULT_WINDOW, "CT soft-tissue default")
+    flat = volume.reshape(-1)
+    sample = flat[:: max(1, flat.size // PERCENTILE_SAMPLES)]
+    low, high = (float(v) for v in np.percentile(sample, DEFAULT_PERCENTILES))
+    return Window((low + high) / 2.0, max(high - low, 1.0), "1st-99th percentile of the volume")
+
+
+def window_to_grey(values: npt.ArrayLike, window: Window, invert: bool = False) -> UInt8Array:
+    """Grey levels 0-255 of ``values`` through the linear VOI LUT of PS3.3 C.11.2.1.2.1.
+
+    ``invert`` for MONOCHROME1 sources (high values shown dark). Returns a new array.
+    """
+    x = np.asarray(values, dtype=np.float32)
+    c, w = np.float32(window.center - 0.5), np.float32(window.width - 1.0)
+    if w <= 0:
+        grey = np.where(x > c, np.float32(255.0), np.float32(0.0))
+    else:
+        grey = np.clip(((x - c) / w + np.float32(0.5)) * np.float32(255.0), 0.0, 255.0)
+    levels: UInt8Array = np.rint(grey).astype(np.uint8)
+    return np.subtract(255, levels, dtype=np.uint8) if invert else levels
+
+
+# --- drawing ------------------------------------------------------------------------------
+
+
+def _crop(mask: BoolArray) -> tuple[int, int, BoolArray] | None:
+    """``(row0, col0, mask[rows, cols])`` around the True pixels with one pixel of margin (None: empty).
+
+    One pixel of background margin (or the image edge, which :func:`netrt.burnin.outline` treats as
+    background too) gives the crop the same outline as the whole slice, at a fraction of the cost.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    r0, c0 = max(int(rows[0]) - 1, 0), max(int(cols[0]) - 1, 0)
+    r1, c1 = min(int(rows[-1]) + 2, mask.shape[0]), min(int(cols[-1]) + 2, mask.shape[1])
+    return r0, c0, mask[r0:r1, c0:c1]
+
+
+def draw_slice(
+    grey: UInt8Array,
+    rois: Sequence[tuple[tuple[int, int, int], BoolArray]],
+    fill_opacity: float,
+    annotation: Annotation,
+) -> UInt8Array:
+    """One colour image: ``grey`` ``[row, col]`` as RGB, each ROI (colour, mask slice) drawn, text on top.
+
+    Fills go first (``round((1 - a) * pixel + a * colour)`` inside each mask), then every ROI's
+    one-pixel outline (:func:`netrt.burnin.outline`) in its pure colour, so no fill tints an
+    outline (where two outlines meet, the later ROI's colour wins), then the legend and disclaimer.
+    Returns a new ``[row, col, 3]`` uint8 array; the inputs are not changed.
+    """
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    crops = [(np.asarray(color, dtype=np.float32), _crop(mask)) for color, mask in rois]
+    if fill_opacity > 0:
+        for color, cropped in crops:
+            if cropped is None:
+                continue
+            r0, c0, inside = cropped
+            region = rgb[r0 : r0 + inside.shape[0], c0 : c0 + inside.shape[1]]
+            blended = (1.0 - fill_opacity) * region[inside].astype(np.float32) + fill_opacity * color
+            region[inside] = np.rint(blended).astype(np.uint8)
+    for color, cropped in crops:
+        if cropped is None:
+            continue
+        r0, c0, inside = cropped
+        region = rgb[r0 : r0 + inside.shape[0], c0 : c0 + inside.shape[1]]
+        region[outline(inside)] = color.astype(np.uint8)
+    return composite(rgb, annotation)
+
+
+# --- DICOM --------------------------------------------------------------------------------
+
+
+def _ds_strings(values: Sequence[float] | npt.NDArray[np.float64]) -> list[str]:
+    """DS strings exactly as :mod:`netrt.overlay` writes reformatted geometry (16 characters, no dust)."""
+    return [format_number_as_ds(0.0 if abs(float(v)) < 1e-12 else float(v)) for v in values]
+
+
+def _orientation_letters(direction: npt.NDArray[np.float64]) -> str:
+    """PatientOrientation letters of a direction (PS3.3 C.7.6.1.1.1): LPS axes by decreasing weight."""
+    letters = []
+    for axis in np.argsort(-np.abs(direction), kind="stable"):
+        component = float(direction[axis])
+        if abs(component) > 1e-4:
+            letters.append(("L", "P", "H")[axis] if component > 0 else ("R", "A", "F")[axis])
+    return "".join(letters)
+
+
+def _read_header(path: Path) -> Dataset:
+    try:
+        return dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        raise DicomInputError(f"cannot read DICOM file: {exc}", path=path) from exc
+
+
+def _lo(text: str) -> str:
+    clean = "".join(" " if ord(c) < 32 else c for c in text).replace("\\", "/").strip()
+    return clean if len(clean) <= _LO_MAX else clean[: _LO_MAX - 3].rstrip() + "..."
+
+
+def _template(
+    source: Dataset,
+    source_path: Path,
+    plane: str,
+    geometry: ImageGeometry,
+    settings: ColorSettings,
+    series_uid: str,
+    window: Window,
+    roi_names: Sequence[str],
+) -> SCImage:
+    """The SC data set every slice of the series starts from (pixels and per-slice values set later)."""
+    if not source.get("FrameOfReferenceUID"):
+        raise DicomInputError("FrameOfReferenceUID is missing or empty", path=source_path, tag="FrameOfReferenceUID")
+    _, rows, columns = geometry.shape
+    row_letters = _orientation_letters(geometry.row_direction)
+    column_letters = _orientation_letters(geometry.column_direction)
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=np.zeros((rows, columns, 3), dtype=np.uint8),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid,
+        series_number=int(settings.series_number),
+        sop_instance_uid=output_instance_uid(series_uid, 0),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        # highdicom accepts one letter per axis; the full oblique letters are set just below
+        patient_orientation=(row_letters[0], column_letters[0]),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=_lo(settings.series_description.replace("{plane}", plane)),
+        software_versions=f"netrt {__version__}",
+    )
+    sc.copy_patient_and_study_information(source)  # every Patient/Study module attribute, not just the IDs
+    sc.PatientOrientation = [row_letters, column_letters]
+    sc.ConversionType = "WSD"
+    sc.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if plane == "axial" else "REFORMATTED"]
+    sc.BurnedInAnnotation = "YES"
+    sc.FrameOfReferenceUID = source.FrameOfReferenceUID
+    for keyword in ("PositionReferenceIndicator", "BodyPartExamined", "Laterality"):
+        if keyword in source:
+            setattr(sc, keyword, source[keyword].value)
+    if "Laterality" not in sc and not sc.get("BodyPartExamined"):
+        # Type 2C, required unless the body part is known to be unpaired; NETRT does not know the body
+        # part, and PS3.3 allows an empty value exactly when laterality is unknown (dciodvfy: no error).
+        sc.Laterality = ""
+    if plane != "axial":
+        sc.ImageOrientationPatient = _ds_strings([*geometry.row_direction, *geometry.column_direction])
+        spacing: list[Any] = _ds_strings([geometry.spacing[1], geometry.spacing[0]])
+        sc.PixelSpacing = spacing
+        sc.SliceThickness = _ds_strings([geometry.spacing[2]])[0]
+    what = "source slices" if plane == "axial" else f"{plane} reformat (SimpleITK, as the overlay series)"
+    sc.DerivationDescription = (
+        f"NETRT colour series of {source.SeriesInstanceUID}: {what}, window {window.center:g}/{window.width:g} "
+        f"({window.origin}); ROI outlines in their display colours: {', '.join(roi_names) or 'none'}"
+    )[:1024]
+    return sc
+
+
+def _write(sc: SCImage, out_dir: Path) -> Path:
+    """``<out_dir>/<SOPInstanceUID>.dcm`` via a temporary name and a rename (derived data: no fsync)."""
+    target = out_dir / f"{checked_uid(sc.SOPInstanceUID, 'output SOPInstanceUID')}.dcm"
+    with atomic_output(target, durable=False) as handle:
+        dcmwrite(handle, sc, enforce_file_format=True)
+    return target
+
+
+def _set_slice(sc: SCImage, series_uid: str, index: int, rgb: UInt8Array) -> None:
+    uid = output_instance_uid(series_uid, index)
+    sc.SOPInstanceUID = uid
+    sc.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+    sc.InstanceNumber = index + 1
+    sc.PixelData = np.ascontiguousarray(rgb).tobytes()
+
+
+# --- the series ---------------------------------------------------------------------------
+
+
+def _roi_box(path: Path, roi: RoiInfo, shape: tuple[int, int, int]) -> RoiBox:
+    """The ROI's mask, cut to its bounding box, from the per-ROI mask file; named errors otherwise."""
+    try:
+        box = load_roi_box(path, roi.number)
+    except KeyError as exc:
+        raise RoiError(roi.name, f"ROI number {roi.number} has no mask in {path}") from exc
+    if box.shape != shape:
+        raise RoiError(roi.name, f"mask of grid shape {box.shape} in {path} is not on the image grid {shape}")
+    return box
+
+
+def write_color_series(
+    study: LoadedStudy, rois: Sequence[RoiInfo], roi_masks: Path, plane: str, out_dir: Path, settings: ColorSettings
+) -> list[Path]:
+    """Write the colour series of ``plane`` for ``study`` into ``out_dir``; the files in slice order.
+
+    ``rois`` are the ROIs to draw, in legend order (drawing order too: a later ROI's outline wins
+    where two meet); ``roi_masks`` the file of :func:`netrt.outputs.rois.save_roi_masks` /
+    ``build_roi_masks`` holding each one's mask on ``study.images.geometry``. No ROI gives the
+    windowed image with the disclaimer only. Axial: one image per received slice, like the axial
+    overlay series. Coronal/sagittal: one image per slice of
+    :func:`netrt.reformat.plane_geometry` ``(geometry, plane, settings.reformat_spacing_mm)``,
+    streamed (see the module docstring).
+
+    Raises:
+        NetrtError: unknown plane.
+        RoiError: an ROI has no mask in ``roi_masks`` or one on another grid.
+        DicomInputError: a source file is unreadable or lacks FrameOfReferenceUID.
+    """
+    _check_plane(plane)
+    series = study.images
+    geometry = series.geometry
+    target = plane_geometry(geometry, plane, settings.reformat_spacing_mm)  # a bad spacing fails before any work
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = _read_header(series.files[0])
+    series_uid = color_series_uid(series.series_instance_uid, plane, settings.settings_key)
+    invert = str(source.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
+
+    image = read_source_image(series)
+    volume = _sitk.GetArrayViewFromImage(image)  # a view; ``image`` stays referenced below
+    window = series_window(source, series.modality, volume)
+    sc = _template(source, series.files[0], plane, target, settings, series_uid, window, [r.name for r in rois])
+    _, rows, columns = target.shape
+    annotation = render_annotation(rows, columns, [(r.name, r.color) for r in rois], settings.disclaimer)
+    opacity = float(settings.fill_opacity)
+
+    written: list[Path] = []
+    if plane == "axial":
+        boxes = [_roi_box(roi_masks, roi, geometry.shape) for roi in rois]  # boxes only: ROIs are small
+        for index, (k, path, sop_uid) in enumerate(
+            zip(series.slice_indices, series.files, series.sop_instance_uids, strict=True)
+        ):
+            header = source if index == 0 else _read_header(path)
+            for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness"):
+                if keyword in header:
+                    setattr(sc, keyword, header[keyword].value)
+            reference = Dataset()
+            reference.ReferencedSOPClassUID = series.sop_class_uid
+            reference.ReferencedSOPInstanceUID = sop_uid
+            sc.SourceImageSequence = DicomSequence([reference])
+            drawn = draw_slice(
+                window_to_grey(volume[k], window, invert),
+                [(r.color, b.slice_at(k)) for r, b in zip(rois, boxes, strict=True)],
+                opacity,
+                annotation,
+            )
+            _set_slice(sc, series_uid, index, drawn)
+            written.append(_write(sc, out_dir))
+        return written
+
+    # one whole-grid mask at a time, reduced at once to its box's distance map
+    fields = [prepare_mask(_roi_box(roi_masks, roi, geometry.shape).full(), geometry) for roi in rois]
+    del volume
+    step = target.spacing[2] * target.normal
+    for first, image_slab, mask_slabs in _slabs(prepare_source(image, MaskField("empty"), geometry), target, fields):
+        for offset in range(image_slab.shape[0]):
+            index = first + offset
+            drawn = draw_slice(
+                window_to_grey(image_slab[offset], window, invert),
+                [(roi.color, slab[offset]) for roi, slab in zip(rois, mask_slabs, strict=True)],
+                opacity,
+                annotation,
+            )
+            sc.ImagePositionPatient = _ds_strings(target.origin + index * step)
+            _set_slice(sc, series_uid, index, drawn)
+            written.append(_write(sc, out_dir))
+    return written
+
+
+def _slabs(
+    source: Any, target: ImageGeometry, fields: Sequence[MaskField]
+) -> Iterator[tuple[int, npt.NDArray[np.float32], list[BoolArray]]]:
+    """``(first slice, image slab, one mask slab per ROI)`` of ``target``, one slab at a time.
+
+    The image comes from :func:`netrt.reformat.reformat_slabs` (``source`` carries an empty mask,
+    which costs nothing), and each ROI's mask from reformat's own per-slab mask sampler over the
+    same slab bounds, so every array covers the same slices.
+    """
+    bounds = _slab_bounds(target)
+    masks = [_mask_slabs(field, target, bounds) for field in fields]
+    for slab in _reformat_slabs(source, target):
+        yield slab.first, slab.image, [next(m) for m in masks]
