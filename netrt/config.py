@@ -196,10 +196,20 @@ class AnonymizationConfig(_Section):
 
 
 Plane = Literal["axial", "coronal", "sagittal"]
+#: Derived outputs NETRT can make for a study (``processing.outputs``).
+OutputKind = Literal["overlay", "burn_in", "seg", "color"]
+#: What a destination can be sent (``destinations[].outputs``): the derived kinds, and ``source``,
+#: the received study itself, anonymized as configured.
+RoutedKind = Literal["overlay", "burn_in", "seg", "color", "source"]
+DEFAULT_DISCLAIMER = "FOR RESEARCH USE ONLY - NOT FOR CLINICAL USE"
 
 
 def _all_planes() -> list[Plane]:
     return ["axial", "coronal", "sagittal"]
+
+
+def _default_outputs() -> list[OutputKind]:
+    return ["overlay"]
 
 
 class ProcessingConfig(_Section):
@@ -218,7 +228,34 @@ class ProcessingConfig(_Section):
     )
     burn_in: bool = Field(
         default=False,
-        description="Also write, per plane, a series with the mask outline burned into the pixels.",
+        description="Also write, per plane, a series with the mask outline burned into the pixels (the same as "
+        "adding `burn_in` to `outputs`).",
+    )
+    outputs: list[OutputKind] = Field(
+        default_factory=_default_outputs,
+        min_length=1,
+        description="Derived outputs per study: `overlay` (series per plane with the mask in Overlay Plane "
+        "groups), `burn_in` (series per plane with the outlines burned into the pixels), `seg` (one DICOM "
+        "Segmentation, a segment per kept ROI), `color` (RGB Secondary Capture series per plane with each ROI "
+        "outlined in its colour, a legend and the disclaimer).",
+    )
+    overlay_groups: Literal["merged", "per_roi"] = Field(
+        default="merged",
+        description="`merged`: one overlay group (6000) with every kept ROI; `per_roi`: one group per kept ROI "
+        "(6000, 6002, ... 601E) labelled with its name; from the 16th kept ROI on, the rest are merged into "
+        "group 601E (the run summary says so).",
+    )
+    disclaimer: str = Field(
+        default=DEFAULT_DISCLAIMER,
+        max_length=200,
+        description="Burned into the `color` series (and its legend panel); empty: none. Never burned into "
+        "overlay series or source pixels.",
+    )
+    color_fill_opacity: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="`color` series: opacity of a translucent fill inside each ROI's outline (0: outline only).",
     )
 
     reformat_spacing_mm: float | None = Field(
@@ -244,18 +281,28 @@ class ProcessingConfig(_Section):
         "its images unchanged (anonymized as configured, no overlay) to the destinations, with a warning.",
     )
 
-    @field_validator("planes")
+    @field_validator("planes", "outputs")
     @classmethod
-    def _no_duplicate_planes(cls, values: list[str]) -> list[str]:
+    def _no_duplicates(cls, values: list[str]) -> list[str]:
         if len(set(values)) != len(values):
-            raise ValueError("each plane may be listed once")
+            raise ValueError("each value may be listed once")
         return values
+
+    def output_kinds(self) -> list[OutputKind]:
+        """The kinds made, in a fixed order: ``outputs`` plus ``burn_in`` when ``burn_in: true``."""
+        wanted = set(self.outputs) | ({"burn_in"} if self.burn_in else set())
+        order: list[OutputKind] = ["overlay", "burn_in", "seg", "color"]
+        return [kind for kind in order if kind in wanted]
 
 
 class FolderDestination(_Section):
     name: str = Field(description="Name used in logs, the transaction log and the CLI.")
     type: Literal["folder"] = Field(description="`folder`: files written under `path`.")
     path: Path = Field(description="Folder; series land in <path>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm.")
+    outputs: list[RoutedKind] | None = Field(
+        default=None,
+        description="Kinds this destination gets (see processing.outputs, plus `source`); null: every kind made.",
+    )
     retries: int = Field(default=2, ge=0, description="Retries of a failed copy (e.g. a full or unmounted disk).")
     retry_delay_seconds: float = Field(
         default=10, ge=0, description="Wait before the first retry; doubles on every further retry."
@@ -289,6 +336,10 @@ class DicomDestination(_Section):
     ae_title: str = Field(description="Called AE title of the destination.")
     host: str = Field(description="Host name or address of the destination.")
     port: int = Field(ge=1, le=65535, description="TCP port of the destination.")
+    outputs: list[RoutedKind] | None = Field(
+        default=None,
+        description="Kinds this destination gets (see processing.outputs, plus `source`); null: every kind made.",
+    )
     calling_ae_title: str | None = Field(
         default=None, description="Calling AE title NETRT presents; default: listener.ae_title."
     )
@@ -417,6 +468,19 @@ class NetrtConfig(BaseSettings):
         if duplicates:
             raise ValueError(f"destination names must be unique: {', '.join(duplicates)}")
         return values
+
+    @model_validator(mode="after")
+    def _routed_kinds_are_made(self) -> NetrtConfig:
+        made = set(self.processing.output_kinds()) | {"source"}
+        for index, destination in enumerate(self.destinations):
+            missing = [kind for kind in destination.outputs or [] if kind not in made]
+            if missing:
+                raise ValueError(
+                    f"destinations[{index}].outputs: {', '.join(missing)} not made (add to processing.outputs)"
+                )
+            if destination.outputs is not None and not destination.outputs:
+                raise ValueError(f"destinations[{index}].outputs: empty (omit the key to send every kind made)")
+        return self
 
     @classmethod
     def settings_customise_sources(
