@@ -90,6 +90,7 @@ def _scenario_process_and_quarantine(params: dict[str, Any]) -> dict[str, Any]:
         out["received_1"] = received()
         out["process_again"] = _netrt("process", first, "--config", str(good))
         out["count_again"] = orthanc.statistics()["CountInstances"]
+        out["received_again"] = received()
 
         out["wrong_ae"] = _netrt("process", first, "--config", str(wrong))
         out["rejections"] = settings.log_file.read_text().count("bad called AET")
@@ -151,6 +152,10 @@ def test_processing_the_same_study_twice_adds_no_instances(scenario: dict[str, A
     run = scenario["process_again"]
     assert run["code"] == 0, run["stdout"] + run["stderr"]
     assert scenario["count_again"] == scenario["count_1"]
+    # A new run is a new delivery (issue 16): every instance went over the wire again, and Orthanc,
+    # keyed on SOP Instance UIDs, kept one copy of each.
+    again = scenario["received_again"][len(scenario["received_1"]) :]
+    assert sorted(again) == sorted(scenario["received_1"])
 
 
 def test_wrong_called_ae_title_fails_at_once_without_retries(scenario: dict[str, Any]) -> None:
@@ -167,7 +172,7 @@ def test_orthanc_down_quarantines_then_retry_delivers_everything_exactly_once(sc
     assert down["code"] != 0
     listing = scenario["quarantine_down"]["stdout"]
     assert "pacs" in listing and "unreachable" in listing, listing
-    assert scenario["received_before_retry"] == scenario["received_1"], "nothing reached Orthanc while it was down"
+    assert scenario["received_before_retry"] == scenario["received_again"], "nothing reached Orthanc while it was down"
 
     retry = scenario["retry"]
     assert retry["code"] == 0, retry["stdout"] + retry["stderr"]
