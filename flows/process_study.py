@@ -8,7 +8,9 @@ explicit key built from the content of the study's files (:func:`netrt.pipeline.
 the config section that shapes their output, the anonymization secret's digest and NETRT's
 version; their results (paths) persist under ``<data_dir>/cache/results`` and their files under
 ``<data_dir>/work/<study>/<key>/``, so a re-run of an unchanged study, e.g. a quarantine retry
-after a failed delivery, only delivers. A cache hit whose files have gone is recomputed.
+after a failed delivery, only delivers. A cache hit is trusted only when every file it names is
+still as the step wrote it (:func:`netrt.pipeline.result_files_intact`: present, same size, mtime
+and inode); a hit whose files are gone, truncated or rewritten is recomputed.
 Delivery is never cached; it is retried per destination with backoff.
 
 Failure: any stage that fails for good puts the study in quarantine (`netrt.quarantine`) with its
@@ -49,7 +51,7 @@ from netrt.config import (
 from netrt.deliver import DeliveryOutcome, deliver_to_folder
 from netrt.episodes import begin_delivery, files_digest
 from netrt.errors import DeliveryError, NetrtError, StudyFailedError
-from netrt.fileio import move_folder
+from netrt.fileio import move_folder, move_folder_whole
 from netrt.layout import DataLayout
 from netrt.logs import TransactionLog
 from netrt.pipeline import (
@@ -62,12 +64,14 @@ from netrt.pipeline import (
     content_key,
     pass_through_step,
     preview_step,
+    result_files_intact,
     settings_key,
     study_fingerprint,
     write_plane,
 )
 from netrt.quarantine import begin_retry, entry_id_for, is_entry_id, quarantine_study, read_entry, release
 from netrt.report import StageTiming, StudyReport, render_markdown
+from netrt.stamps import FileStamp, stamp_file
 from netrt.study import (
     ImagesOnlyStudy,
     LoadedStudy,
@@ -188,9 +192,9 @@ def write_plane_series(
 
 
 @task(name="preview", cache_key_fn=_cache_key, persist_result=True)
-def preview(study: LoadedStudy, masks: MaskStepResult, path: str, cache_key: str) -> str:
+def preview(study: LoadedStudy, masks: MaskStepResult, path: str, cache_key: str) -> FileStamp:
     with _scrubbed_errors():
-        return str(preview_step(study, masks, Path(path)).path)
+        return stamp_file(preview_step(study, masks, Path(path)).path)
 
 
 def _retry_if_waiting_may_heal(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -266,7 +270,7 @@ class _Run:
             self.report.stages.append(timing)
 
     def cached_call(self, task_: Task[..., R], timing: StageTiming, present: Callable[[R], bool], **kwargs: Any) -> R:
-        """Run a cacheable task; note a cache hit; recompute when a hit's files are gone."""
+        """Run a cacheable task; note a cache hit; recompute a hit whose files are not as written (``present``)."""
         (result,) = self.cached_map(task_, timing, present, [kwargs])
         return result
 
@@ -482,7 +486,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
         anonymized = run.cached_call(
             anonymize,
             timing,
-            lambda r: all(p.exists() for p in [*r.study.images.files, r.study.rtstruct_file]),
+            result_files_intact,
             study=original,
             anonymization=anonymization,
             data_dir=str(layout.root),
@@ -499,7 +503,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
         masks = run.cached_call(
             extract_masks,
             timing,
-            lambda r: r.mask_path.exists(),
+            result_files_intact,
             study=study,
             processing=config.processing,
             work_dir=str(keyed_work),
@@ -525,7 +529,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
         per_plane = run.cached_map(
             write_plane_series,
             timing,
-            lambda r: all(p.exists() for s in r for p in s.files),
+            result_files_intact,
             calls,
             one_at_a_time=lambda call: call["plane"] != "axial",
         )
@@ -540,14 +544,16 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
         for s in written
     ]
     with run.timed("preview") as timing:
-        report.preview_path = run.cached_call(
-            preview,
-            timing,
-            lambda r: Path(r).exists(),
-            study=study,
-            masks=masks,
-            path=str(keyed_work / "preview.png"),
-            cache_key=content_key("preview", mask_key),
+        report.preview_path = str(
+            run.cached_call(
+                preview,
+                timing,
+                result_files_intact,
+                study=study,
+                masks=masks,
+                path=str(keyed_work / "preview.png"),
+                cache_key=content_key("preview", mask_key),
+            ).path
         )
     transactions.record(
         "processed",
@@ -743,17 +749,30 @@ def _deliver_all(run: _Run, files: list[Path], transactions: TransactionLog) -> 
 
 
 def _finish(run: _Run, source: Path, label: str | None, transactions: TransactionLog) -> None:
-    """After success: move a received study on to processed/, release a quarantine entry, publish."""
+    """After success: move a received study on to processed/, release a quarantine entry, publish.
+
+    An earlier processed/<id> (the same study processed before) is set aside whole, never merged
+    into this run's copy; only a study this run moved from studies/ to processed/ releases its entry.
+    """
     layout = run.layout
     resolved = source.resolve()
     entry_id = entry_id_for(layout, source, label)
+    processed = None
     if resolved.parent == layout.studies and resolved.is_dir():
-        move_folder(resolved, layout.processed / resolved.name)
+        processed = layout.processed / resolved.name
+        earlier = move_folder_whole(resolved, processed)
+        if earlier is not None:
+            transactions.record(
+                "earlier_processed_copy_kept",
+                study_instance_uid=run.report.study,
+                flow_run_id=run.report.flow_run_id,
+                suffix=earlier.name.removeprefix(resolved.name),  # the folder name itself is the received UID
+            )
     try:
         entry = read_entry(layout, entry_id)
     except Exception:
         entry = None
-    if entry is not None and release(layout, entry_id):
+    if entry is not None and processed is not None and release(layout, entry_id, processed=processed):
         transactions.record(
             "released_from_quarantine",
             study_instance_uid=run.report.study,

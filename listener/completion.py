@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,18 @@ class SealedStudy:
     instances: int
     calling_ae_titles: tuple[str, ...] = ()
     modalities: tuple[str, ...] = ()
-    # A fresh id per sealing: a trigger may pass it to Prefect as idempotency key, so a crash
+    # A fresh id per sealing: the trigger passes :attr:`idempotency_key` to Prefect, so a crash
     # between "run created" and "run id written down" cannot give the same sealing two runs.
     seal_id: str = ""
+    # Set when the sealing's earlier run is known not to process it any more (ended, crashed,
+    # deleted): the new run needs a key of its own, or Prefect would hand back that earlier run.
+    replaces_run_id: str | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        """One key per flow run this sealing needs: its first, or the one replacing a dead run."""
+        base = f"netrt-seal-{self.seal_id}"
+        return base if self.replaces_run_id is None else f"{base}-after-{self.replaces_run_id}"
 
 
 TriggerFn = Callable[[SealedStudy], str]
@@ -97,6 +106,9 @@ class _Pending:
     next_attempt: float
     attempts: int = 0
     previous_run_id: str | None = None
+    # Found by recovery with no run recorded: the run the trigger returns may be one created before
+    # the crash (same idempotency key) that has ended since; checked once, then replaced if so.
+    check_returned_run: bool = False
 
 
 @dataclass
@@ -167,6 +179,11 @@ class StudyTracker:
         }
         self.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self._state_file(study.study_instance_uid), json.dumps(state, indent=1).encode("utf-8"))
+
+    def _owns_state(self, study: SealedStudy) -> bool:
+        """True when the study's state file is this sealing's (no newer sealing has replaced it) or absent."""
+        current = self._read_state(study.study_instance_uid).get("seal_id")
+        return current is None or current == study.seal_id
 
     def _record(self, event: str, uid: str, **fields: Any) -> None:
         self._transactions.record(event, study_instance_uid=self._label(uid), **fields)
@@ -392,8 +409,22 @@ class StudyTracker:
                         "study %s: flow run %s will still process it", self._label(uid), pending.previous_run_id
                     )
                     return
+                # The recorded run will not process the study: a new run, under a new key.
+                pending.study = replace(pending.study, replaces_run_id=pending.previous_run_id)
                 pending.previous_run_id = None
+                pending.check_returned_run = False  # a key never used before: the run it gets is new
             run_id = self._trigger(pending.study)
+            if pending.check_returned_run and self._is_run_pending is not None:
+                pending.check_returned_run = False  # once: a new run is never final, a wrong answer must not loop
+                if not self._is_run_pending(run_id):
+                    # The key gave back a run created before a crash that has ended since.
+                    LOGGER.info("study %s: flow run %s ended without processing it", self._label(uid), run_id)
+                    with self._lock:
+                        if self._pending.get(uid) is pending and self._owns_state(pending.study):
+                            self._write_state(pending.study, run_id)
+                    pending.previous_run_id = run_id
+                    pending.next_attempt = self._clock()
+                    return
         except Exception as exc:  # the API may be down or restarting: keep the study, retry later
             pending.attempts += 1
             delay = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** (pending.attempts - 1))
@@ -410,7 +441,9 @@ class StudyTracker:
         with self._lock:
             if self._pending.get(uid) is pending:
                 del self._pending[uid]
-            if uid not in self._open:
+            # Not when the study was re-opened or sealed again meanwhile: the state file belongs
+            # to the newer sealing, whose own run is still to be created.
+            if uid not in self._open and self._owns_state(pending.study):
                 self._write_state(pending.study, run_id)
         LOGGER.info("study %s: flow run %s created", self._label(uid), run_id)
         self._record("flow_run_created", uid, flow_run_id=run_id, counts={"instances": pending.study.instances})
@@ -474,7 +507,11 @@ class StudyTracker:
                     continue
                 if run_id is not None and self._is_run_pending is None:
                     continue  # nobody to ask: trust that the recorded run will process it
-                self._pending[uid] = _Pending(study, next_attempt=now, previous_run_id=run_id)
+                if not state.get("seal_id"):
+                    # No record of this sealing: give it one now, so that a crash after its run is
+                    # created finds the same idempotency key again instead of making a second run.
+                    self._write_state(study, run_id)
+                self._pending[uid] = _Pending(study, next_attempt=now, previous_run_id=run_id, check_returned_run=True)
             LOGGER.info(
                 "study %s recovered from studies/: %s",
                 self._label(uid),

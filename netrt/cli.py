@@ -323,6 +323,7 @@ def _flow_run_callbacks(
             study_instance_uid=study.study_instance_uid,
             config_file=config_file,
             tags=tags,
+            idempotency_key=study.idempotency_key,
         )
 
     def is_run_pending(flow_run_id: str) -> bool:

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,3 +78,28 @@ def move_folder(source: Path, target: Path) -> None:
         folder.rmdir()
     source.rmdir()
     fsync_dir(target)
+
+
+def move_folder_whole(source: Path, target: Path) -> Path | None:
+    """Move the folder ``source`` to ``target`` without merging; return where an earlier ``target`` went.
+
+    An existing ``target`` (e.g. ``processed/<uid>`` from an earlier success of the same study) is
+    first renamed, whole, to ``<target>.earlier-<UTC time>`` beside it, and that path is returned;
+    then ``source`` becomes ``target``. Two renames on one file system: a crash between them
+    leaves both copies in place, and neither copy is ever mixed into the other (which
+    :func:`move_folder` does, by design, for the quarantine's own moves).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    earlier = None
+    if target.exists():
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        earlier = target.with_name(f"{target.name}.earlier-{stamp}")
+        suffix = 1
+        while earlier.exists():
+            earlier = target.with_name(f"{target.name}.earlier-{stamp}-{suffix}")
+            suffix += 1
+        os.rename(target, earlier)
+    os.rename(source, target)
+    fsync_dir(target.parent)
+    fsync_dir(source.parent)
+    return earlier

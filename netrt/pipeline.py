@@ -37,6 +37,7 @@ from netrt.overlay import (
 )
 from netrt.preview import Preview, render_preview
 from netrt.reformat import plane_geometry, prepare_mask, prepare_source, reformat_slabs
+from netrt.stamps import FileStamp, files_unchanged, stamp_file, stamp_files
 from netrt.study import ImageSeries, ImagesOnlyStudy, LoadedStudy, load_study, read_source_image
 
 # SimpleITK's SWIG functions carry no annotations; an Any handle keeps mypy --strict quiet without
@@ -49,12 +50,15 @@ BURN_IN_NUMBER_OFFSET = 10
 
 @dataclass(frozen=True)
 class MaskStepResult:
-    """Where the merged mask is stored and what went into it."""
+    """Where the merged mask is stored and what went into it; ``mask_stamp``: the mask file as written."""
 
     mask_path: Path
     rois: tuple[RoiReport, ...]
     warnings: tuple[str, ...]
     voxel_count: int
+    # The default only lets a result persisted before stamps load (Prefect reads every field of a
+    # cached result); such a result is never intact (:func:`result_files_intact`), so it is recomputed.
+    mask_stamp: FileStamp | None = None
 
     @property
     def kept(self) -> list[str]:
@@ -67,13 +71,16 @@ class MaskStepResult:
 
 @dataclass(frozen=True)
 class WrittenSeries:
-    """One series written to the work dir, ready for delivery."""
+    """One series written to the work dir, ready for delivery; ``stamps``: its ``files`` as written."""
 
     plane: str
     burn_in: bool
     series_instance_uid: str
     folder: Path
     files: tuple[Path, ...]
+    # The default only lets a result persisted before stamps load (Prefect reads every field of a
+    # cached result); such a result is never intact (:func:`result_files_intact`), so it is recomputed.
+    stamps: tuple[FileStamp, ...] = ()
 
 
 def settings_key(processing: ProcessingConfig) -> str:
@@ -187,7 +194,7 @@ def compute_mask(study: LoadedStudy, processing: ProcessingConfig, work_dir: Pat
     )
     mask = fill_missing_mask_slices(merged.mask, study.images)
     mask_path = save_mask(mask, work_dir / f"mask-{settings_key(processing)}.npz")
-    return MaskStepResult(mask_path, merged.rois, tuple(merged.warnings), int(mask.sum()))
+    return MaskStepResult(mask_path, merged.rois, tuple(merged.warnings), int(mask.sum()), stamp_file(mask_path))
 
 
 def write_plane(
@@ -228,7 +235,11 @@ def write_plane(
         series_uid = output_series_uid(
             study.images.series_instance_uid, plane, output.settings.settings_key, output.burn_in
         )
-        written.append(WrittenSeries(plane, output.burn_in, series_uid, output.out_dir, tuple(series_files)))
+        written.append(
+            WrittenSeries(
+                plane, output.burn_in, series_uid, output.out_dir, tuple(series_files), stamp_files(series_files)
+            )
+        )
     return written
 
 
@@ -260,11 +271,16 @@ def content_key(*parts: object) -> str:
 
 @dataclass(frozen=True)
 class AnonymizeStepResult:
-    """The study to process from here on, and what anonymization did (no patient data)."""
+    """The study to process from here on, and what anonymization did (no patient data).
+
+    ``stamps``: the study's image files and RTSTRUCT (in that order) as they were when the step ended.
+    """
 
     study: LoadedStudy
     pseudonym: str | None
     actions: tuple[str, ...]
+    # As for MaskStepResult.mask_stamp: the default is for results persisted before stamps, never intact.
+    stamps: tuple[FileStamp, ...] = ()
 
 
 def anonymize_step(
@@ -279,8 +295,36 @@ def anonymize_step(
     files = [*study.images.files, study.rtstruct_file]
     anonymized = anonymize_study(files, out_dir, anonymization, secret)
     if not anonymization.enabled:
-        return AnonymizeStepResult(study, None, anonymized.actions)
-    return AnonymizeStepResult(load_study(list(anonymized.files)), anonymized.pseudonym, anonymized.actions)
+        return AnonymizeStepResult(study, None, anonymized.actions, stamp_files(_study_files(study)))
+    copies = load_study(list(anonymized.files))
+    return AnonymizeStepResult(copies, anonymized.pseudonym, anonymized.actions, stamp_files(_study_files(copies)))
+
+
+def _study_files(study: LoadedStudy) -> list[Path]:
+    return [*study.images.files, study.rtstruct_file]
+
+
+def result_files_intact(result: object) -> bool:
+    """True when every file a step result names is still the file the step wrote.
+
+    The flow trusts a cache hit only then; otherwise it runs the step again. ``result`` is what
+    Prefect loaded from ``<data_dir>/cache/results``: an :class:`AnonymizeStepResult`, a
+    :class:`MaskStepResult`, a list of :class:`WrittenSeries` or the preview's :class:`FileStamp`.
+    A result persisted before results carried stamps (the attribute is missing, or the preview is
+    a bare path string) or of any other shape counts as not intact: recomputed, never trusted.
+    """
+    try:
+        if isinstance(result, AnonymizeStepResult):
+            return files_unchanged(_study_files(result.study), result.stamps)
+        if isinstance(result, MaskStepResult):
+            return files_unchanged([result.mask_path], (result.mask_stamp,))
+        if isinstance(result, FileStamp):
+            return result.holds()
+        if isinstance(result, list) and result and all(isinstance(s, WrittenSeries) for s in result):
+            return all(files_unchanged(s.files, s.stamps) for s in result)
+    except AttributeError:  # an instance of a shape this code does not know
+        return False
+    return False
 
 
 def preview_step(study: LoadedStudy, masks: MaskStepResult, path: Path) -> Preview:

@@ -240,17 +240,26 @@ def begin_retry(layout: DataLayout, entry_id: str) -> Path:
     return target
 
 
-def release(layout: DataLayout, entry_id: str) -> bool:
-    """Drop the entry of a study that was processed after all; False when there is none.
+def release(layout: DataLayout, entry_id: str, *, processed: Path) -> bool:
+    """Drop the entry of a study that was processed after all; False when it is kept (or there is none).
 
-    Only an entry whose input is gone (moved back by :func:`begin_retry` and on to ``processed/``
-    by the flow) is released: its reason.json is all that remains, and the transaction log keeps
-    the history. An entry still holding files is left alone.
+    ``processed`` is the folder the calling flow run has just moved the study to, from
+    ``studies/<id>``; a run that moved nothing (it processed a copy from elsewhere, e.g.
+    ``netrt process PATH``) has nothing to pass and must not call this. The entry is released only
+    when the study really went from the quarantine through this run: its input is gone from the
+    entry, ``processed`` is ``processed/<id>`` and holds it, and no copy of it waits in
+    ``studies/<id>`` or ``incoming/<id>`` (moved back by a retry or a re-sending that another run
+    will process). Then reason.json is all that remains, and the transaction log keeps the
+    history. Otherwise the entry and everything in it stays.
     """
     folder = entry_folder(layout, entry_id)
     if not folder.is_dir():
         return False
     if (folder / INPUT_FOLDER).exists():
+        return False
+    if Path(processed) != layout.processed / folder.name or not Path(processed).is_dir():
+        return False
+    if (layout.studies / folder.name).exists() or (layout.incoming / folder.name).exists():
         return False
     (folder / REASON_FILE).unlink(missing_ok=True)
     try:

@@ -64,7 +64,7 @@ def test_received_study_is_moved_whole_with_a_reason_and_attempts_count_up(tmp_p
     back = begin_retry(layout, "1.2.3")
     assert back == layout.studies / "1.2.3" and _digest(back) == before
     assert read_entry(layout, "1.2.3").status == "retrying"
-    assert not release(layout, "9.9"), "nothing to release for an unknown id"
+    assert not release(layout, "9.9", processed=layout.processed / "9.9"), "nothing to release for an unknown id"
 
     # It fails again: one more attempt, history kept.
     again = quarantine_study(
@@ -93,15 +93,45 @@ def test_release_only_after_the_input_has_left_and_purge_deletes(tmp_path: Path)
     layout = DataLayout.from_data_dir(tmp_path / "data").create()
     study = _study(layout.studies / "1.2.4")
     quarantine_study(layout, study, [], entry_id="1.2.4", stage="write", error="disk full", retryable=True)
-    assert not release(layout, "1.2.4"), "an entry still holding the study must not be released"
-    begin_retry(layout, "1.2.4")
-    assert release(layout, "1.2.4")
+    processed = layout.processed / "1.2.4"
+    assert not release(layout, "1.2.4", processed=processed), "an entry still holding the study must not be released"
+    retried = begin_retry(layout, "1.2.4")
+    assert not release(layout, "1.2.4", processed=processed), "the retried study is in studies/, not processed"
+    retried.rename(processed)  # what the flow run that processed it does
+    assert release(layout, "1.2.4", processed=processed)
     assert not (layout.quarantine / "1.2.4").exists()
 
     study = _study(layout.studies / "1.2.5")
     quarantine_study(layout, study, [], entry_id="1.2.5", stage="validate", error="bad", retryable=False)
     purged = purge(layout, "1.2.5")
     assert purged.id == "1.2.5" and not (layout.quarantine / "1.2.5").exists()
+
+
+@pytest.mark.parametrize("elsewhere", ["studies", "incoming", "nowhere", "other-processed-folder"])
+def test_release_keeps_an_entry_whose_study_this_run_did_not_move_to_processed(tmp_path: Path, elsewhere: str) -> None:
+    """The input has left the entry (a retry moved it), but the study is not in processed/<id>
+    from this run: still in studies/<id>, back in incoming/<id> (re-opened by the listener), gone,
+    or the caller names another folder. The entry and its reason stay."""
+    layout = DataLayout.from_data_dir(tmp_path / "data").create()
+    study = _study(layout.studies / "1.2.7")
+    quarantine_study(layout, study, [], entry_id="1.2.7", stage="deliver", error="unreachable", retryable=True)
+    retried = begin_retry(layout, "1.2.7")
+    before = _digest(retried)
+    processed = layout.processed / "1.2.7"
+    if elsewhere == "incoming":
+        retried = retried.rename(layout.incoming / "1.2.7")
+    elif elsewhere == "nowhere":
+        retried = retried.rename(tmp_path / "moved-away")
+    elif elsewhere == "other-processed-folder":
+        retried = retried.rename(layout.processed / "1.2.7.earlier-x")
+        processed = retried
+    assert not release(layout, "1.2.7", processed=processed)
+    assert read_entry(layout, "1.2.7").status == "retrying"
+    assert _digest(retried) == before
+    if elsewhere in ("studies", "incoming"):  # a copy waits for its own run, beside a processed one
+        processed.mkdir()
+        assert not release(layout, "1.2.7", processed=processed)
+        assert read_entry(layout, "1.2.7").status == "retrying"
 
 
 @pytest.mark.parametrize("bad", ["../etc", "a/b", "", ".hidden", "x" * 200])
