@@ -30,7 +30,8 @@ Decisions, and why:
   ``seg`` and the settings key; ContentDate/ContentTime are the structure set's date and time (the
   contours are the content). The same study with the same settings therefore gives the same
   instance, which overwrites the earlier one at a PACS instead of duplicating it; only
-  InstanceCreationDate/Time say when this copy was made.
+  InstanceCreationDate/Time and the ContributionDateTime of highdicom's own entry in
+  ContributingEquipmentSequence say when this copy was made.
 
 Segment codes (SegmentedPropertyCategoryCodeSequence / SegmentedPropertyTypeCodeSequence) come
 from RTROIInterpretedType through pydicom's SNOMED CT dictionary (``pydicom.sr.codedict.codes.SCT``;
