@@ -16,8 +16,14 @@ Decisions, and why:
 * **Frames.** BINARY, empty frames omitted. Only the run of received slices between the first
   and last slice any kept ROI touches is handed to highdicom (the other images are passed as
   ``further_source_images``, so they are still referenced), because highdicom holds the stacked
-  segments (one byte per voxel and segment) plus an integer overlap count per voxel: cropping to
-  the structures keeps that to the slices that carry frames at all.
+  segments (one byte per voxel and segment) plus an int64 overlap count per voxel: cropping to
+  the structures keeps that to the slices that carry frames at all. Measured on the 512x512x200
+  phantom (``netrt phantom --extra-spheres 5``): the 9 ROIs kept by default span 60 slices, 2.1 s
+  and 220 MiB above the process's RSS before the call; with the body outline and skull kept too
+  (11 ROIs over all 200 slices) 7.1 s and 1040 MiB, i.e. about (segments + 8) bytes per voxel of
+  that run of slices. A kept whole-body ROI therefore makes the SEG the largest holder of memory
+  in a run; going below that needs highdicom to take the segments in pieces (it takes one array),
+  which is left open against issue 17's 1000-slice memory target.
 * **Algorithm type MANUAL.** The contours were drawn by a person or a treatment-planning system;
   NETRT only rasterised them (pixel-centre rule, :mod:`netrt.rasterize`). The RTSTRUCT's
   Manufacturer and StructureSetLabel go into ContentDescription (LO: cut to 64 characters), so a
