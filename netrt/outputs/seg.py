@@ -18,7 +18,7 @@ Decisions, and why:
   ``further_source_images``, so they are still referenced), because highdicom holds the stacked
   segments (one byte per voxel and segment) plus an int64 overlap count per voxel: cropping to
   the structures keeps that to the slices that carry frames at all. Measured on the 512x512x200
-  phantom (``netrt phantom --extra-spheres 5``): the 9 ROIs kept by default span 60 slices, 2.1 s
+  phantom (``netrt phantom --extra-spheres 5``): the 9 ROIs kept by default span 40 slices, 2.1 s
   and 220 MiB above the process's RSS before the call; with the body outline and skull kept too
   (11 ROIs over all 200 slices) 7.1 s and 1040 MiB, i.e. about (segments + 8) bytes per voxel of
   that run of slices. A kept whole-body ROI therefore makes the SEG the largest holder of memory
