@@ -54,6 +54,7 @@ from netrt.errors import DeliveryError, NetrtError, StudyFailedError
 from netrt.fileio import move_folder, move_folder_whole
 from netrt.layout import DataLayout
 from netrt.logs import TransactionLog
+from netrt.outputs.routing import output_calls, output_label, route_files, shaping_settings
 from netrt.pipeline import (
     AnonymizeStepResult,
     MaskStepResult,
@@ -67,7 +68,7 @@ from netrt.pipeline import (
     result_files_intact,
     settings_key,
     study_fingerprint,
-    write_plane,
+    write_output,
 )
 from netrt.quarantine import begin_retry, entry_id_for, is_entry_id, quarantine_study, read_entry, release
 from netrt.report import StageTiming, StudyReport, render_markdown
@@ -183,12 +184,19 @@ def extract_masks(study: LoadedStudy, processing: ProcessingConfig, work_dir: st
         return compute_mask(study, processing, Path(work_dir))
 
 
-@task(name="write-plane", task_run_name="write-{plane}", cache_key_fn=_cache_key, persist_result=True)
-def write_plane_series(
-    study: LoadedStudy, masks: MaskStepResult, plane: str, processing: ProcessingConfig, work_dir: str, cache_key: str
+@task(name="write", task_run_name="write-{label}", cache_key_fn=_cache_key, persist_result=True)
+def write_output_series(
+    study: LoadedStudy,
+    masks: MaskStepResult,
+    kind: str,
+    plane: str,
+    label: str,
+    processing: ProcessingConfig,
+    work_dir: str,
+    cache_key: str,
 ) -> list[WrittenSeries]:
     with _scrubbed_errors():
-        return write_plane(study, masks, plane, processing, Path(work_dir))
+        return write_output(study, masks, kind, plane, processing, Path(work_dir))
 
 
 @task(name="preview", cache_key_fn=_cache_key, persist_result=True)
@@ -517,25 +525,30 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
             {
                 "study": study,
                 "masks": masks,
+                "kind": kind,
                 "plane": plane,
+                "label": output_label(kind, plane),
                 "processing": config.processing,
                 "work_dir": str(keyed_work),
-                "cache_key": content_key("write", mask_key, plane),
+                "cache_key": content_key("write", mask_key, kind, plane, shaping_settings(config.processing)),
             }
-            for plane in config.processing.planes
+            for kind, plane in output_calls(config.processing)
         ]
-        # Axial runs beside the reformats; coronal and sagittal one after the other, because each
-        # holds the whole source image while it streams (1000 slices of 512x512: 500 MiB each).
-        per_plane = run.cached_map(
-            write_plane_series,
+        # Axial series run beside the rest; everything else one after the other, because each
+        # reformat holds the whole source image while it streams (1000 slices of 512x512: 500 MiB
+        # each) and the SEG its stacked segments.
+        per_call = run.cached_map(
+            write_output_series,
             timing,
             result_files_intact,
             calls,
             one_at_a_time=lambda call: call["plane"] != "axial",
         )
-        written = [series for plane_series in per_plane for series in plane_series]
+        written = [series for call_series in per_call for series in call_series]
     report.series = [
         {
+            "kind": s.kind,
+            "label": output_label(s.kind, s.plane),
             "plane": s.plane,
             "burn_in": s.burn_in,
             "series_instance_uid": s.series_instance_uid,
@@ -543,6 +556,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
         }
         for s in written
     ]
+    report.warnings += list(dict.fromkeys(note for s in written for note in s.notes))  # once, not per plane
     with run.timed("preview") as timing:
         report.preview_path = str(
             run.cached_call(
@@ -559,12 +573,15 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
         "processed",
         study_instance_uid=report.study,
         flow_run_id=report.flow_run_id,
-        counts={f"{s.plane}{'-burn-in' if s.burn_in else ''}": len(s.files) for s in written},
+        counts={output_label(s.kind, s.plane): len(s.files) for s in written},
     )
 
-    files = [path for series in written for path in series.files]
+    made: dict[str, list[Path]] = {}
+    for series in written:
+        made.setdefault(series.kind, []).extend(series.files)
+    made["source"] = [*study.images.files, study.rtstruct_file]
     with run.timed("deliver"):
-        _deliver_all(run, files, transactions)
+        _deliver_all(run, route_files(config.effective_destinations(), made), transactions)
     return {
         "study_instance_uid": report.study,
         "rois_kept": masks.kept,
@@ -612,7 +629,8 @@ def _pass_through(
         counts={"pass-through": len(passed.files)},
     )
     with run.timed("deliver"):
-        _deliver_all(run, list(passed.files), transactions)
+        files = list(passed.files)
+        _deliver_all(run, {d.name: files for d in config.effective_destinations()}, transactions)
     return {
         "study_instance_uid": report.study,
         "rois_kept": [],
@@ -639,8 +657,9 @@ def _add_run_tags(flow_run_id: str | None, *tags: str) -> None:
         client.update_flow_run(UUID(flow_run_id), tags=sorted({*current.tags, *tags}))
 
 
-def _deliver_all(run: _Run, files: list[Path], transactions: TransactionLog) -> None:
-    """Deliver to every destination at once; one failing does not stop or repeat the others.
+def _deliver_all(run: _Run, routes: dict[str, list[Path]], transactions: TransactionLog) -> None:
+    """Deliver to every destination at once its files (``routes``: destination name -> files);
+    one failing does not stop or repeat the others.
 
     Within one delivery episode (:mod:`netrt.episodes`) a destination that already holds these
     files is not sent them again, and a failed one resumes from its acknowledgements; a new run
@@ -650,10 +669,11 @@ def _deliver_all(run: _Run, files: list[Path], transactions: TransactionLog) -> 
     episode = begin_delivery(
         run.layout.study_dir(run.layout.work, report.study) / "delivery", report.flow_run_id, run.continuing_runs
     )
-    digest = files_digest(files)
     run_tag = f"{report.flow_run_id}#{flow_run.run_count}"
     futures = []
     for destination in config.effective_destinations():
+        files = routes[destination.name]
+        digest = files_digest(files)
         earlier_delivery = episode.delivered_earlier(destination.name, digest)
         if earlier_delivery is not None:
             detail = f"delivered earlier in this delivery (flow run {earlier_delivery.get('run')}); not sent again"
@@ -684,10 +704,10 @@ def _deliver_all(run: _Run, files: list[Path], transactions: TransactionLog) -> 
         # Where a storage commitment report on a new association reaches this node (netrt.commitment).
         route = ReportRoute.from_listener(run.layout.root, config.listener)
         future = task_.submit(destination, files, calling, str(progress), run_tag, route)
-        futures.append((destination, future))
+        futures.append((destination, files, digest, future))
     failures: list[str] = []
     all_retryable = True
-    for destination, future in futures:
+    for destination, files, digest, future in futures:
         try:
             outcome: DeliveryOutcome = future.result()
         except Exception as exc:

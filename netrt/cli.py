@@ -201,7 +201,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             print(f"{shown}: FAILED: {exc}", flush=True)
             continue
         written = ", ".join(
-            f"{s['plane']}{' burn-in' if s['burn_in'] else ''} {s['instances']}" for s in summary["series"]
+            f"{s['label']} {s['instances']}" for s in summary["series"]
         )
         delivered = delivery_line(summary["destinations"])
         print(

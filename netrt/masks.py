@@ -10,7 +10,7 @@ OR-ed into the single mask the overlay series carry.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from rt_utils import ds_helper
 
 from netrt.errors import DicomInputError, RoiError
+from netrt.fileio import atomic_output
 from netrt.geometry import ImageGeometry
 from netrt.rasterize import geometric_type_skip_reason, rasterize_contours
 
@@ -169,9 +170,16 @@ def roi_mask(roi: RoiContours, geometry: ImageGeometry) -> tuple[BoolArray, int,
 
 
 def merge_rois(
-    rois: Sequence[RoiContours], geometry: ImageGeometry, include: Sequence[str], ignore: Sequence[str]
+    rois: Sequence[RoiContours],
+    geometry: ImageGeometry,
+    include: Sequence[str],
+    ignore: Sequence[str],
+    each: Callable[[RoiReport, BoolArray], None] | None = None,
 ) -> MergedMask:
     """Keep ROIs by the patterns, rasterise each kept one and OR them into one mask.
+
+    ``each`` is called with every kept ROI's report and mask as it is rasterised (per-ROI outputs
+    keep them without rasterising twice or holding every ROI's whole-grid mask at once).
 
     Raises :class:`RoiError` when no ROI is kept, since an overlay of nothing is a
     configuration or input problem the user must see, not an empty series.
@@ -185,7 +193,10 @@ def merge_rois(
             continue
         mask, used, skipped = roi_mask(roi, geometry)
         merged |= mask
-        reports.append(RoiReport(roi.number, roi.name, True, reason, int(mask.sum()), used, tuple(skipped)))
+        report = RoiReport(roi.number, roi.name, True, reason, int(mask.sum()), used, tuple(skipped))
+        reports.append(report)
+        if each is not None:
+            each(report, mask)
     if not any(r.kept for r in reports):
         names = ", ".join(repr(r.name) for r in reports) or "none"
         raise RoiError(
@@ -197,7 +208,26 @@ def merge_rois(
 
 
 def build_merged_mask(
-    rtstruct_path: Path, geometry: ImageGeometry, include: Sequence[str], ignore: Sequence[str]
+    rtstruct_path: Path,
+    geometry: ImageGeometry,
+    include: Sequence[str],
+    ignore: Sequence[str],
+    each: Callable[[RoiReport, BoolArray], None] | None = None,
 ) -> MergedMask:
-    """Read the RTSTRUCT and merge its kept ROIs on ``geometry``."""
-    return merge_rois(read_structure_set(rtstruct_path), geometry, include, ignore)
+    """Read the RTSTRUCT and merge its kept ROIs on ``geometry`` (``each``: see :func:`merge_rois`)."""
+    return merge_rois(read_structure_set(rtstruct_path), geometry, include, ignore, each)
+
+
+def save_mask(mask: npt.NDArray[np.bool_], path: Path) -> Path:
+    """Store a boolean volume bit-packed (1/8 of its bytes) with its shape."""
+    with atomic_output(path, durable=False) as handle:
+        np.savez(handle, bits=np.packbits(mask, axis=None), shape=np.asarray(mask.shape, dtype=np.int64))
+    return path
+
+
+def load_mask(path: Path) -> npt.NDArray[np.bool_]:
+    with np.load(path) as data:
+        shape = tuple(int(n) for n in data["shape"])
+        count = int(np.prod(shape))
+        # unpackbits gives 0/1 bytes: viewed as bool, not copied (a second mask-sized array at the peak)
+        return np.unpackbits(data["bits"], count=count).view(np.bool_).reshape(shape)

@@ -26,17 +26,20 @@ import SimpleITK as sitk
 from netrt import __version__
 from netrt.anonymize import anonymize_study
 from netrt.config import AnonymizationConfig, ProcessingConfig
-from netrt.fileio import atomic_output
-from netrt.masks import MergedMask, RoiReport, build_merged_mask, ignored_names, kept_names
-from netrt.overlay import (
-    SeriesOutput,
-    SeriesSettings,
-    output_series_uid,
-    write_axial_series,
-    write_reformatted_slabs,
+from netrt.masks import (
+    BoolArray,
+    MergedMask,
+    RoiReport,
+    build_merged_mask,
+    ignored_names,
+    kept_names,
+    load_mask,
+    save_mask,
 )
+from netrt.outputs.base import STUDY, OutputContext, WrittenSeries, output_kind
+from netrt.outputs.rois import RoiBox, RoiInfo, read_roi_infos, save_roi_boxes
 from netrt.preview import Preview, render_preview
-from netrt.reformat import plane_geometry, prepare_mask, prepare_source, reformat_slabs
+from netrt.settings import PLANE_NUMBER, kind_settings_key, settings_key
 from netrt.stamps import FileStamp, files_unchanged, stamp_file, stamp_files
 from netrt.study import ImageSeries, ImagesOnlyStudy, LoadedStudy, load_study, read_source_image
 
@@ -44,21 +47,40 @@ from netrt.study import ImageSeries, ImagesOnlyStudy, LoadedStudy, load_study, r
 # scattering ignores (the same device as in netrt.geometry and netrt.reformat).
 _sitk: Any = sitk
 
-PLANE_NUMBER = {"axial": 1, "coronal": 2, "sagittal": 3}
-BURN_IN_NUMBER_OFFSET = 10
+__all__ = [
+    "PLANE_NUMBER",
+    "MaskStepResult",
+    "WrittenSeries",
+    "compute_mask",
+    "kind_settings_key",
+    "load_mask",
+    "save_mask",
+    "settings_key",
+    "write_output",
+    "write_plane",
+]
 
 
 @dataclass(frozen=True)
 class MaskStepResult:
-    """Where the merged mask is stored and what went into it; ``mask_stamp``: the mask file as written."""
+    """Where the merged and per-ROI masks are stored and what went into them; the stamps: the
+    mask files as written.
+
+    ``roi_masks`` holds each kept ROI's mask cut to its box (:mod:`netrt.outputs.rois`), with
+    missing slices filled like the merged mask's; ``roi_infos`` the kept ROIs' names, colours and
+    types in RTSTRUCT order.
+    """
 
     mask_path: Path
     rois: tuple[RoiReport, ...]
     warnings: tuple[str, ...]
     voxel_count: int
-    # The default only lets a result persisted before stamps load (Prefect reads every field of a
-    # cached result); such a result is never intact (:func:`result_files_intact`), so it is recomputed.
+    # The defaults only let a result persisted before these fields load (Prefect reads every field
+    # of a cached result); such a result is never intact (:func:`result_files_intact`): recomputed.
     mask_stamp: FileStamp | None = None
+    roi_masks: Path | None = None
+    roi_masks_stamp: FileStamp | None = None
+    roi_infos: tuple[RoiInfo, ...] = ()
 
     @property
     def kept(self) -> list[str]:
@@ -67,61 +89,6 @@ class MaskStepResult:
     @property
     def ignored(self) -> list[str]:
         return ignored_names(self.rois)
-
-
-@dataclass(frozen=True)
-class WrittenSeries:
-    """One series written to the work dir, ready for delivery; ``stamps``: its ``files`` as written."""
-
-    plane: str
-    burn_in: bool
-    series_instance_uid: str
-    folder: Path
-    files: tuple[Path, ...]
-    # The default only lets a result persisted before stamps load (Prefect reads every field of a
-    # cached result); such a result is never intact (:func:`result_files_intact`), so it is recomputed.
-    stamps: tuple[FileStamp, ...] = ()
-
-
-def settings_key(processing: ProcessingConfig) -> str:
-    """A short hash of everything that changes the written series, plus the code version.
-
-    It feeds the output UIDs (same study + same settings -> same UIDs, so a re-send overwrites)
-    and the cache keys of the flow's deterministic tasks.
-    """
-    shaping = processing.model_dump(mode="json", exclude={"images_without_rtstruct"})  # no effect on written series
-    payload = json.dumps({"processing": shaping, "netrt": __version__}, sort_keys=True)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def series_settings(processing: ProcessingConfig, plane: str, roi_names: list[str], burn_in: bool) -> SeriesSettings:
-    description = processing.series_description.replace("{plane}", plane)
-    number = processing.series_number_base + PLANE_NUMBER[plane]
-    if burn_in:
-        description = f"{description} burn-in"[:64]
-        number += BURN_IN_NUMBER_OFFSET
-    label = "NETRT: " + ", ".join(roi_names)
-    return SeriesSettings(
-        description=description[:64],
-        series_number=number,
-        roi_label=label[:64],
-        settings_key=settings_key(processing),
-    )
-
-
-def save_mask(mask: npt.NDArray[np.bool_], path: Path) -> Path:
-    """Store a boolean volume bit-packed (1/8 of its bytes) with its shape."""
-    with atomic_output(path, durable=False) as handle:
-        np.savez(handle, bits=np.packbits(mask, axis=None), shape=np.asarray(mask.shape, dtype=np.int64))
-    return path
-
-
-def load_mask(path: Path) -> npt.NDArray[np.bool_]:
-    with np.load(path) as data:
-        shape = tuple(int(n) for n in data["shape"])
-        count = int(np.prod(shape))
-        # unpackbits gives 0/1 bytes: viewed as bool, not copied (a second mask-sized array at the peak)
-        return np.unpackbits(data["bits"], count=count).view(np.bool_).reshape(shape)
 
 
 def _slice_signed_distance(mask_slice: npt.NDArray[np.bool_], spacing: tuple[float, float]) -> npt.NDArray[np.float32]:
@@ -184,63 +151,65 @@ def fill_missing_mask_slices(mask: npt.NDArray[np.bool_], series: ImageSeries) -
 
 
 def compute_mask(study: LoadedStudy, processing: ProcessingConfig, work_dir: Path) -> MaskStepResult:
-    """Rasterise and merge the kept ROIs on the image grid; store the mask under ``work_dir``.
+    """Rasterise the kept ROIs on the image grid; store the merged mask and each ROI's own under
+    ``work_dir``.
 
-    Missing slices of the series are filled by :func:`fill_missing_mask_slices`, so the stored
-    mask covers the whole uniform grid; the ROI reports count the rasterised voxels only.
+    Each ROI is rasterised once: its mask is OR-ed into the merged one and kept cut to its bounding
+    box for the per-ROI outputs (SEG, colour, per-ROI overlay groups). Missing slices of the series
+    are filled by :func:`fill_missing_mask_slices`, in the merged mask and in each ROI's, so every
+    output covers the whole uniform grid alike; the ROI reports count the rasterised voxels only.
     """
+    boxes: dict[int, RoiBox] = {}
+
+    def keep(report: RoiReport, mask: BoolArray) -> None:
+        boxes[report.number] = RoiBox.of(fill_missing_mask_slices(mask, study.images))
+
     merged: MergedMask = build_merged_mask(
-        study.rtstruct_file, study.images.geometry, processing.include_rois, processing.ignore_rois
+        study.rtstruct_file, study.images.geometry, processing.include_rois, processing.ignore_rois, keep
     )
     mask = fill_missing_mask_slices(merged.mask, study.images)
-    mask_path = save_mask(mask, work_dir / f"mask-{settings_key(processing)}.npz")
-    return MaskStepResult(mask_path, merged.rois, tuple(merged.warnings), int(mask.sum()), stamp_file(mask_path))
+    key = settings_key(processing)
+    mask_path = save_mask(mask, work_dir / f"mask-{key}.npz")
+    roi_path = save_roi_boxes(boxes, work_dir / f"rois-{key}.npz")
+    infos = read_roi_infos(study.rtstruct_file, [(r.number, r.name) for r in merged.rois if r.kept])
+    return MaskStepResult(
+        mask_path,
+        merged.rois,
+        tuple(merged.warnings),
+        int(mask.sum()),
+        stamp_file(mask_path),
+        roi_path,
+        stamp_file(roi_path),
+        tuple(infos),
+    )
+
+
+def output_context(
+    study: LoadedStudy, masks: MaskStepResult, processing: ProcessingConfig, work_dir: Path
+) -> OutputContext:
+    if masks.roi_masks is None:
+        raise ValueError("the mask step result has no per-ROI masks (a result from before they existed)")
+    return OutputContext(study, masks.mask_path, masks.roi_masks, masks.roi_infos, processing, work_dir)
+
+
+def write_output(
+    study: LoadedStudy, masks: MaskStepResult, kind: str, plane: str, processing: ProcessingConfig, work_dir: Path
+) -> list[WrittenSeries]:
+    """Write one output kind (``processing.outputs``) for ``plane`` (``"study"`` for per-study
+    kinds) under ``work_dir``; see the kind's module in :mod:`netrt.outputs`."""
+    output = output_kind(kind)
+    if output.per_plane == (plane == STUDY):
+        raise ValueError(f"output kind {kind!r} is written {'per plane' if output.per_plane else 'per study'}")
+    return output.write(output_context(study, masks, processing, work_dir), plane)
 
 
 def write_plane(
     study: LoadedStudy, masks: MaskStepResult, plane: str, processing: ProcessingConfig, work_dir: Path
 ) -> list[WrittenSeries]:
-    """Write the overlay series of one plane (and its burn-in twin when configured) under ``work_dir``.
-
-    The axial series is the received images again with their pixels untouched, so it takes the mask
-    rows of the received slices only (``slice_indices``): one output image per received image, and
-    no invented image for a missing slice. Coronal and sagittal sample the whole uniform grid and
-    are streamed (:func:`netrt.reformat.reformat_slabs` into
-    :func:`netrt.overlay.write_reformatted_slabs`): the source is held once, as int16 where that is
-    exact, and of the output only one slab of image and mask at a time.
-    """
-    mask = load_mask(masks.mask_path)
-    outputs = []
-    for burn_in in [False, True] if processing.burn_in else [False]:
-        settings = series_settings(processing, plane, masks.kept, burn_in)
-        folder = work_dir / "series" / f"{plane}{'-burn-in' if burn_in else ''}"
-        outputs.append(SeriesOutput(folder, settings, burn_in))
-    if plane == "axial":
-        received = mask[list(study.images.slice_indices)]
-        del mask
-        files = [write_axial_series(study.images.files, received, o.out_dir, o.settings, o.burn_in) for o in outputs]
-    else:
-        # Streamed: the mask is reduced to its bounding box's distance map before the source image
-        # is read, the image is read once into SimpleITK, and each slab of the plane is written to
-        # every series before the next is resampled, so the output volume is never held.
-        geometry = study.images.geometry
-        mask_field = prepare_mask(mask, geometry)
-        del mask
-        source = prepare_source(read_source_image(study.images), mask_field, geometry)
-        target = plane_geometry(geometry, plane, processing.reformat_spacing_mm)
-        slabs = reformat_slabs(source, target)
-        files = write_reformatted_slabs(plane, target, slabs, study.images.files[0], outputs)
-    written = []
-    for output, series_files in zip(outputs, files, strict=True):
-        series_uid = output_series_uid(
-            study.images.series_instance_uid, plane, output.settings.settings_key, output.burn_in
-        )
-        written.append(
-            WrittenSeries(
-                plane, output.burn_in, series_uid, output.out_dir, tuple(series_files), stamp_files(series_files)
-            )
-        )
-    return written
+    """The overlay series of ``plane`` and, when ``processing.burn_in``, its burn-in twin (what the
+    benchmarks and tests compare against; the flow writes each kind as its own task)."""
+    kinds = ["overlay", *(["burn_in"] if "burn_in" in processing.output_kinds() else [])]
+    return [series for kind in kinds for series in write_output(study, masks, kind, plane, processing, work_dir)]
 
 
 # --- content keys, anonymization and preview --------------------------------------------------
@@ -317,7 +286,9 @@ def result_files_intact(result: object) -> bool:
         if isinstance(result, AnonymizeStepResult):
             return files_unchanged(_study_files(result.study), result.stamps)
         if isinstance(result, MaskStepResult):
-            return files_unchanged([result.mask_path], (result.mask_stamp,))
+            return result.roi_masks is not None and files_unchanged(
+                [result.mask_path, result.roi_masks], (result.mask_stamp, result.roi_masks_stamp)
+            )
         if isinstance(result, FileStamp):
             return result.holds()
         if isinstance(result, list) and result and all(isinstance(s, WrittenSeries) for s in result):

@@ -103,14 +103,12 @@ def render_markdown(report: StudyReport) -> str:
         lines += [
             "## Series written",
             "",
-            "| plane | burn-in | instances | SeriesInstanceUID |",
+            "| output | plane | instances | SeriesInstanceUID |",
             "| --- | --- | ---: | --- |",
         ]
         for series in report.series:
-            burn_in = "yes" if series["burn_in"] else "no"
-            lines.append(
-                f"| {series['plane']} | {burn_in} | {series['instances']} | `{series['series_instance_uid']}` |"
-            )
+            kind = series.get("kind", "burn_in" if series["burn_in"] else "overlay")
+            lines.append(f"| {kind} | {series['plane']} | {series['instances']} | `{series['series_instance_uid']}` |")
         lines.append("")
     if report.destinations:
         lines += [

@@ -246,8 +246,10 @@ def test_result_check_rejects_old_shapes_and_changed_files(tmp_path: Path) -> No
     a.write_bytes(b"a" * 100)
     b.write_bytes(b"b" * 100)
     series = WrittenSeries("axial", False, "1.2.3", tmp_path, (a, b), (stamp_file(a), stamp_file(b)))
-    mask = MaskStepResult(a, (), (), 5, stamp_file(a))
+    mask = MaskStepResult(a, (), (), 5, stamp_file(a), b, stamp_file(b))
     assert result_files_intact([series]) and result_files_intact(mask) and result_files_intact(stamp_file(b))
+    # A mask result from before per-ROI masks (no roi_masks) is recomputed, never trusted.
+    assert not result_files_intact(MaskStepResult(a, (), (), 5, stamp_file(a)))
 
     old_series = pickle.loads(pickle.dumps(series))
     del old_series.__dict__["stamps"]  # what unpickling a WrittenSeries from before stamps gives

@@ -41,7 +41,7 @@ Choices, and why:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,15 +63,13 @@ from netrt.burnin import first_value, outline
 from netrt.errors import DicomInputError, NetrtError, RoiError
 from netrt.fileio import atomic_output
 from netrt.geometry import ImageGeometry
+from netrt.outputs.base import OutputContext, OutputKind, WrittenSeries
 from netrt.outputs.rois import RoiBox, RoiInfo, load_roi_box
 from netrt.outputs.text import Annotation, composite, render_annotation
 from netrt.overlay import output_instance_uid
-
-# reformat's per-slab mask sampler: the same slabs reformat_slabs pairs with the image, for masks
-# sampled apart from the image (one per ROI here). Private there only because the overlay writer
-# needed no other caller; the values are those of reformat_slabs' own mask.
-from netrt.reformat import PLANES, MaskField, _mask_slabs, _slab_bounds, plane_geometry, prepare_mask, prepare_source
-from netrt.reformat import reformat_slabs as _reformat_slabs
+from netrt.reformat import PLANES, MaskField, plane_geometry, prepare_mask, prepare_source, reformat_slabs
+from netrt.settings import PLANE_NUMBER, kind_settings_key
+from netrt.stamps import stamp_files
 from netrt.study import LoadedStudy, read_source_image
 from netrt.uids import checked_uid, derived_uid
 
@@ -409,16 +407,19 @@ def write_color_series(
             written.append(_write(sc, out_dir))
         return written
 
-    # one whole-grid mask at a time, reduced at once to its box's distance map
-    fields = [prepare_mask(_roi_box(roi_masks, roi, geometry.shape).full(), geometry) for roi in rois]
+    # each ROI prepared from its box (no whole-grid mask), resampled beside the image as a layer
+    fields = []
+    for roi in rois:
+        box = _roi_box(roi_masks, roi, geometry.shape)
+        fields.append(prepare_mask(box.mask, geometry, within=box.box))
     del volume
     step = target.spacing[2] * target.normal
-    for first, image_slab, mask_slabs in _slabs(prepare_source(image, MaskField("empty"), geometry), target, fields):
-        for offset in range(image_slab.shape[0]):
-            index = first + offset
+    for slab in reformat_slabs(prepare_source(image, MaskField("empty"), geometry, fields), target):
+        for offset in range(slab.image.shape[0]):
+            index = slab.first + offset
             drawn = draw_slice(
-                window_to_grey(image_slab[offset], window, invert),
-                [(roi.color, slab[offset]) for roi, slab in zip(rois, mask_slabs, strict=True)],
+                window_to_grey(slab.image[offset], window, invert),
+                [(roi.color, layer[offset]) for roi, layer in zip(rois, slab.layers, strict=True)],
                 opacity,
                 annotation,
             )
@@ -428,16 +429,31 @@ def write_color_series(
     return written
 
 
-def _slabs(
-    source: Any, target: ImageGeometry, fields: Sequence[MaskField]
-) -> Iterator[tuple[int, npt.NDArray[np.float32], list[BoolArray]]]:
-    """``(first slice, image slab, one mask slab per ROI)`` of ``target``, one slab at a time.
+#: SeriesNumber of the colour series: processing.series_number_base plus this plus 1, 2, 3 (plane).
+SERIES_NUMBER_OFFSET = 20
 
-    The image comes from :func:`netrt.reformat.reformat_slabs` (``source`` carries an empty mask,
-    which costs nothing), and each ROI's mask from reformat's own per-slab mask sampler over the
-    same slab bounds, so every array covers the same slices.
-    """
-    bounds = _slab_bounds(target)
-    masks = [_mask_slabs(field, target, bounds) for field in fields]
-    for slab in _reformat_slabs(source, target):
-        yield slab.first, slab.image, [next(m) for m in masks]
+
+def _write_kind(context: OutputContext, plane: str) -> list[WrittenSeries]:
+    processing = context.processing
+    key = kind_settings_key(processing, "color", processing.disclaimer, processing.color_fill_opacity)
+    settings = ColorSettings(
+        settings_key=key,
+        series_number=processing.series_number_base + SERIES_NUMBER_OFFSET + PLANE_NUMBER[plane],
+        series_description=f"{processing.series_description.replace('{plane}', plane)} colour"[:64],
+        disclaimer=processing.disclaimer,
+        fill_opacity=processing.color_fill_opacity,
+        reformat_spacing_mm=processing.reformat_spacing_mm,
+    )
+    folder = context.work_dir / "series" / f"color-{plane}"
+    files = write_color_series(context.study, context.rois, context.roi_masks, plane, folder, settings)
+    series_uid = color_series_uid(context.study.images.series_instance_uid, plane, key)
+    return [WrittenSeries(plane, False, series_uid, folder, tuple(files), stamp_files(files), "color")]
+
+
+KIND = OutputKind(
+    name="color",
+    per_plane=True,
+    write=_write_kind,
+    series_number_offset=SERIES_NUMBER_OFFSET,
+    description="RGB Secondary Capture per plane: each ROI outlined in its colour, legend, disclaimer",
+)

@@ -116,6 +116,12 @@ class RoiBox:
             out[self.box[1], self.box[2]] = self.mask[k - ks.start]
         return out
 
+    @classmethod
+    def of(cls, mask: BoolArray) -> RoiBox:
+        """``mask`` (a whole-grid volume) cut to its bounding box; the box holds a copy."""
+        box = _bounding_box(mask)
+        return cls((int(mask.shape[0]), int(mask.shape[1]), int(mask.shape[2])), box, mask[box].copy())
+
     def full(self) -> BoolArray:
         """The ROI on the whole grid (a new array of ``shape``)."""
         out = np.zeros(self.shape, dtype=bool)
@@ -134,11 +140,15 @@ def _bounding_box(mask: BoolArray) -> tuple[slice, slice, slice]:
 def save_roi_masks(masks: Mapping[int, BoolArray], path: Path) -> Path:
     """Store each ROI's mask (by ROI number) cut to its bounding box, bit-packed, in one ``.npz``
     (written atomically). All masks must share one grid."""
+    return save_roi_boxes({number: RoiBox.of(mask) for number, mask in masks.items()}, path)
+
+
+def save_roi_boxes(boxes: Mapping[int, RoiBox], path: Path) -> Path:
+    """Store ROI masks already cut to their boxes (:meth:`RoiBox.of`), as :func:`save_roi_masks` does."""
     arrays: dict[str, npt.NDArray[np.generic]] = {}
-    for number, mask in masks.items():
-        box = _bounding_box(mask)
-        arrays[f"roi{number}"] = np.packbits(mask[box], axis=None)
-        arrays[f"box{number}"] = np.asarray([*mask.shape, *(b for s in box for b in (s.start, s.stop))], dtype=np.int64)
+    for number, roi in boxes.items():
+        arrays[f"roi{number}"] = np.packbits(roi.mask, axis=None)
+        arrays[f"box{number}"] = np.asarray([*roi.shape, *(b for s in roi.box for b in (s.start, s.stop))], np.int64)
     with atomic_output(path, durable=False) as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]
     return path

@@ -94,7 +94,10 @@ from pydicom.errors import InvalidDicomError
 from netrt import __version__
 from netrt.errors import DicomInputError, NetrtError, RoiError
 from netrt.fileio import atomic_output, fsync_dir
+from netrt.outputs.base import OutputContext, OutputKind, WrittenSeries
 from netrt.outputs.rois import RoiBox, RoiInfo, load_roi_box
+from netrt.settings import kind_settings_key
+from netrt.stamps import stamp_files
 from netrt.study import LoadedStudy
 from netrt.uids import checked_uid, derived_uid
 
@@ -335,3 +338,32 @@ def write_seg(
         seg.save_as(handle, enforce_file_format=True)
     fsync_dir(out_dir)
     return [target]
+
+
+#: SeriesNumber of the SEG: processing.series_number_base plus this.
+SERIES_NUMBER_OFFSET = 30
+
+
+def _write_kind(context: OutputContext, plane: str) -> list[WrittenSeries]:
+    processing = context.processing
+    key = kind_settings_key(processing, "seg")
+    folder = context.work_dir / "series" / "seg"
+    files = write_seg(
+        context.study,
+        context.rois,
+        context.roi_masks,
+        folder,
+        key,
+        series_number=processing.series_number_base + SERIES_NUMBER_OFFSET,
+    )
+    series_uid = seg_series_uid(context.study.images.series_instance_uid, key)
+    return [WrittenSeries(plane, False, series_uid, folder, tuple(files), stamp_files(files), "seg")]
+
+
+KIND = OutputKind(
+    name="seg",
+    per_plane=False,
+    write=_write_kind,
+    series_number_offset=SERIES_NUMBER_OFFSET,
+    description="one DICOM Segmentation per study, a segment per kept ROI (name, colour, coded type)",
+)

@@ -1,0 +1,155 @@
+"""The ``overlay`` and ``burn_in`` output kinds: the image series again, per plane, with the mask.
+
+``overlay`` puts the mask in Overlay Plane groups (``processing.overlay_groups``: one merged group
+6000, or one group per kept ROI labelled with its name); ``burn_in`` burns the merged mask's
+outline into the pixels (for viewers that ignore overlays), with the same overlay groups. The
+writing itself is :mod:`netrt.overlay`; this module only chooses what goes in.
+
+Per-ROI groups: a data set holds at most 16 overlay groups (6000-601E). With more kept ROIs, the
+first 15 get a group each and the rest are merged into group 601E, labelled with their names; the
+written series carries a note saying so, which the run summary shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from netrt.config import ProcessingConfig
+from netrt.masks import load_mask
+from netrt.outputs.base import OutputContext, OutputKind, WrittenSeries
+from netrt.outputs.rois import RoiBox, RoiInfo, load_roi_box
+from netrt.overlay import (
+    MAX_OVERLAY_GROUPS,
+    SeriesOutput,
+    SeriesSettings,
+    output_series_uid,
+    write_axial_series,
+    write_reformatted_slabs,
+)
+from netrt.reformat import MaskField, plane_geometry, prepare_mask, prepare_source, reformat_slabs
+from netrt.settings import PLANE_NUMBER, kind_settings_key
+from netrt.stamps import stamp_files
+from netrt.study import LoadedStudy, read_source_image
+
+BoolArray = npt.NDArray[np.bool_]
+BURN_IN_NUMBER_OFFSET = 10
+
+
+def series_settings(
+    processing: ProcessingConfig, plane: str, roi_names: list[str], burn_in: bool, layer_labels: tuple[str, ...] = ()
+) -> SeriesSettings:
+    """SeriesDescription, SeriesNumber, overlay label and UID key of one overlay or burn-in series."""
+    description = processing.series_description.replace("{plane}", plane)
+    number = processing.series_number_base + PLANE_NUMBER[plane]
+    if burn_in:
+        description = f"{description} burn-in"[:64]
+        number += BURN_IN_NUMBER_OFFSET
+    label = "NETRT: " + ", ".join(roi_names)
+    return SeriesSettings(
+        description=description[:64],
+        series_number=number,
+        roi_label=label[:64],
+        settings_key=kind_settings_key(processing, "overlay", processing.overlay_groups),
+        layer_labels=layer_labels,
+    )
+
+
+def overlay_layers(rois: Sequence[RoiInfo]) -> tuple[list[list[RoiInfo]], tuple[str, ...], tuple[str, ...]]:
+    """The ROIs of each per-ROI overlay group, the groups' labels, and notes for the run summary.
+
+    One ROI per group; beyond 16 kept ROIs the 16th and later share the last group (601E).
+    """
+    if len(rois) <= MAX_OVERLAY_GROUPS:
+        groups = [[roi] for roi in rois]
+        return groups, tuple(roi.name for roi in rois), ()
+    groups = [[roi] for roi in rois[: MAX_OVERLAY_GROUPS - 1]] + [list(rois[MAX_OVERLAY_GROUPS - 1 :])]
+    rest = groups[-1]
+    labels = (*(roi.name for roi in rois[: MAX_OVERLAY_GROUPS - 1]), ", ".join(r.name for r in rest))
+    note = (
+        f"{len(rois)} kept ROIs but an image holds at most {MAX_OVERLAY_GROUPS} overlay groups: "
+        f"{', '.join(repr(r.name) for r in rest)} share the last group (601E)"
+    )
+    return groups, labels, (note,)
+
+
+def _group_boxes(roi_masks: Path, groups: list[list[RoiInfo]]) -> list[list[RoiBox]]:
+    return [[load_roi_box(roi_masks, roi.number) for roi in group] for group in groups]
+
+
+def _slice_of(boxes: list[RoiBox], k: int) -> BoolArray:
+    out = boxes[0].slice_at(k)
+    for box in boxes[1:]:
+        out |= box.slice_at(k)
+    return out
+
+
+def _field_of(boxes: list[RoiBox], study: LoadedStudy) -> MaskField:
+    geometry = study.images.geometry
+    if len(boxes) == 1:
+        return prepare_mask(boxes[0].mask, geometry, within=boxes[0].box)
+    whole = boxes[0].full()
+    for box in boxes[1:]:
+        whole[box.box] |= box.mask
+    return prepare_mask(whole, geometry)
+
+
+def write_overlay_series(context: OutputContext, plane: str, burn_in: bool) -> list[WrittenSeries]:
+    """Write the overlay (or, with ``burn_in``, the burn-in) series of ``plane`` under the work dir.
+
+    The axial series is the received images again with their pixels untouched (burn-in: outline
+    burned in), one output image per received image (no invented image for a missing slice).
+    Coronal and sagittal sample the whole uniform grid and are streamed
+    (:func:`netrt.reformat.reformat_slabs` into :func:`netrt.overlay.write_reformatted_slabs`):
+    the source is held once, as int16 where that is exact, and of the output one slab at a time.
+    """
+    study, processing = context.study, context.processing
+    names = [roi.name for roi in context.rois]
+    per_roi = processing.overlay_groups == "per_roi"
+    groups, labels, notes = overlay_layers(context.rois) if per_roi else ([], (), ())
+    settings = series_settings(processing, plane, names, burn_in, labels)
+    folder = context.work_dir / "series" / f"{plane}{'-burn-in' if burn_in else ''}"
+    output = SeriesOutput(folder, settings, burn_in)
+    mask = load_mask(context.merged_mask)
+    boxes = _group_boxes(context.roi_masks, groups) if per_roi else []
+    if plane == "axial":
+        received = list(study.images.slice_indices)
+        rows = mask[received]
+        del mask
+
+        def layers(index: int) -> list[BoolArray]:
+            return [_slice_of(group, received[index]) for group in boxes]
+
+        files = write_axial_series(study.images.files, rows, folder, settings, burn_in, layers if per_roi else None)
+    else:
+        # Streamed: the mask is reduced to its bounding box's distance map before the source image
+        # is read, the image is read once into SimpleITK, and each slab is written before the next
+        # is resampled, so the output volume is never held.
+        geometry = study.images.geometry
+        mask_field = prepare_mask(mask, geometry)
+        del mask
+        fields = [_field_of(group, study) for group in boxes]
+        source = prepare_source(read_source_image(study.images), mask_field, geometry, fields)
+        target = plane_geometry(geometry, plane, processing.reformat_spacing_mm)
+        (files,) = write_reformatted_slabs(
+            plane, target, reformat_slabs(source, target), study.images.files[0], [output]
+        )
+    series_uid = output_series_uid(study.images.series_instance_uid, plane, settings.settings_key, burn_in)
+    kind = "burn_in" if burn_in else "overlay"
+    return [WrittenSeries(plane, burn_in, series_uid, folder, tuple(files), stamp_files(files), kind, notes)]
+
+
+def _write_overlay(context: OutputContext, plane: str) -> list[WrittenSeries]:
+    return write_overlay_series(context, plane, burn_in=False)
+
+
+KIND = OutputKind(
+    name="overlay",
+    per_plane=True,
+    write=_write_overlay,
+    series_number_offset=0,
+    description="the image series with the mask in Overlay Plane groups (60xx)",
+)
