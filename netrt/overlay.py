@@ -60,6 +60,7 @@ from pydicom.valuerep import format_number_as_ds
 from netrt.burnin import burn, burn_value, first_value, outline, stored_range
 from netrt.errors import DicomInputError, NetrtError
 from netrt.geometry import ImageGeometry
+from netrt.outputs.text import disclaimer_masks
 from netrt.reformat import PLANES, PlaneSlab, PlaneVolume
 from netrt.uids import checked_uid, derived_uid
 
@@ -133,6 +134,8 @@ class SeriesSettings:
     # Per-ROI overlay groups (``processing.overlay_groups: per_roi``): one label (the ROI name) per
     # group 6000, 6002, ... in order; empty: the merged mask alone in group 6000.
     layer_labels: tuple[str, ...] = ()
+    # Burned into burn-in series only (``processing.disclaimer``), never into plain overlay series.
+    disclaimer: str = ""
 
     @property
     def groups(self) -> tuple[int, ...]:
@@ -383,10 +386,15 @@ class _PixelFormat:
         return stored
 
 
-def _burned(ds: Dataset, stored: npt.NDArray[Any], mask_slice: BoolArray, fmt: _PixelFormat) -> npt.NDArray[Any]:
-    """``stored`` with the mask outline burned in at :func:`netrt.burnin.burn_value`."""
+def _burned(
+    ds: Dataset, stored: npt.NDArray[Any], mask_slice: BoolArray, fmt: _PixelFormat, disclaimer: str = ""
+) -> npt.NDArray[Any]:
+    """``stored`` with the mask outline, and the disclaimer's letters, burned in at
+    :func:`netrt.burnin.burn_value` (the letters' outline at the lowest stored value, so the text
+    reads on bright and dark anatomy). Every other pixel keeps its stored value exactly."""
     edge = outline(mask_slice)
-    if not edge.any():
+    fill, stroke = disclaimer_masks(*stored.shape, disclaimer) if disclaimer else (None, None)
+    if not edge.any() and fill is None:
         return stored
     value = burn_value(
         fmt.bits_stored,
@@ -397,7 +405,11 @@ def _burned(ds: Dataset, stored: npt.NDArray[Any], mask_slice: BoolArray, fmt: _
         window_center=first_value(ds.get("WindowCenter")),
         window_width=first_value(ds.get("WindowWidth")),
     )
-    return burn(stored, edge, value)
+    burned = burn(stored, edge, value)
+    if fill is not None and stroke is not None:
+        lowest, _ = stored_range(fmt.bits_stored, fmt.pixel_representation)
+        burned = burn(burn(burned, stroke, lowest), fill, value)
+    return burned
 
 
 def _check_mask(mask: npt.ArrayLike, slices: int, what: str) -> BoolArray:
@@ -491,7 +503,7 @@ def write_axial_series(
 
         if burn_in:
             fmt = _PixelFormat.of(ds, path)
-            stored = _burned(ds, np.asarray(ds.pixel_array), masks[index], fmt)
+            stored = _burned(ds, np.asarray(ds.pixel_array), masks[index], fmt, settings.disclaimer)
             del ds[TAG_PIXEL_DATA]
             ds.add_new(TAG_PIXEL_DATA, "OB" if fmt.bits_allocated == 8 else "OW", stored.astype(fmt.dtype).tobytes())
             _delete(ds, _BURN_IN_DROP)
@@ -733,7 +745,7 @@ def write_reformatted_slabs(
             for writer, output in zip(writers, outputs, strict=True):
                 stored = stored_slab[offset]
                 if writer.burn_in:
-                    stored = _burned(writer.encoder.ds, stored, mask_slice, fmt)
+                    stored = _burned(writer.encoder.ds, stored, mask_slice, fmt, output.settings.disclaimer)
                 overlays = layer_slices if output.settings.layer_labels else [mask_slice]
                 _set_slice(
                     writer.encoder.ds, writer.series_uid, index, geometry.origin + index * step, stored, overlays

@@ -53,8 +53,11 @@ def series_settings(
         description=description[:64],
         series_number=number,
         roi_label=label[:64],
-        settings_key=kind_settings_key(processing, "overlay", processing.overlay_groups),
+        settings_key=kind_settings_key(
+            processing, "overlay", processing.overlay_groups, *([processing.disclaimer] if burn_in else [])
+        ),
         layer_labels=layer_labels,
+        disclaimer=processing.disclaimer if burn_in else "",
     )
 
 

@@ -201,3 +201,26 @@ def composite(image: UInt8Array, annotation: Annotation) -> UInt8Array:
     blended = (under * (255 - alpha) + annotation.rgb.astype(np.uint16) * alpha + 127) // 255
     result[y0:y1, x0:x1] = blended.astype(np.uint8)
     return result
+
+
+@lru_cache(maxsize=8)
+def disclaimer_masks(rows: int, columns: int, disclaimer: str) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Where the disclaimer's letters (``fill``) and their outline (``stroke``) lie on an image of
+    ``rows`` x ``columns``, laid out as on the colour series: for burning it into grey pixels,
+    where there is no blending, a pixel is text when the glyph covers at least half of it.
+
+    Both are ``[row, column]`` bool, read-only (cached per size and text); empty text gives two
+    empty masks.
+    """
+    fill = np.zeros((rows, columns), dtype=bool)
+    stroke = np.zeros((rows, columns), dtype=bool)
+    annotation = render_annotation(rows, columns, [], disclaimer)
+    if annotation.box is not None:
+        x0, y0, x1, y1 = annotation.box
+        covered = annotation.alpha >= 128
+        bright = annotation.rgb.mean(axis=2) >= 128
+        fill[y0:y1, x0:x1] = covered & bright
+        stroke[y0:y1, x0:x1] = covered & ~bright
+    fill.flags.writeable = False
+    stroke.flags.writeable = False
+    return fill, stroke
