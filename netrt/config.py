@@ -403,6 +403,13 @@ class PrefectConfig(_Section):
     worker_limit: int | None = Field(
         default=None, ge=1, description="Most flow runs one `netrt worker` runs at once; null: no limit."
     )
+    local_server_idle_minutes: int = Field(
+        default=60,
+        ge=0,
+        description="The background local Prefect server that `netrt process` and `netrt quarantine retry` "
+        "start (and later commands reuse) stops itself after this many minutes without a NETRT command "
+        "using it; 0: it runs until `netrt server stop`.",
+    )
 
 
 class QuarantineConfig(_Section):

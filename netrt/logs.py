@@ -48,6 +48,60 @@ def setup_logging(log_file: Path, level: int = logging.INFO, console: bool = Tru
     return logger
 
 
+def _file_handler(log_file: Path) -> logging.Handler | None:
+    target = str(log_file.resolve())
+    for handler in logging.getLogger(LOGGER_NAME).handlers:
+        if getattr(handler, "baseFilename", None) == target:
+            return handler
+    return None
+
+
+def app_log_file() -> Path | None:
+    """The file the ``netrt`` logger writes to (set by :func:`setup_logging`), if any."""
+    for handler in logging.getLogger(LOGGER_NAME).handlers:
+        name = getattr(handler, "baseFilename", None)
+        if name:
+            return Path(name)
+    return None
+
+
+def route_library_logs(log_file: Path, *, verbose: bool) -> None:
+    """Every library's log lines (Prefect's per-task INFO lines, their tracebacks, warnings) to ``log_file``.
+
+    Call after the libraries configured their logging (Prefect does so when it is imported, replacing
+    the root logger's handlers). The root logger gets the ``netrt`` logger's file handler, so one
+    file holds both in order; unless ``verbose``, the console handlers already on the root logger are
+    silenced, so a command's terminal shows only its own lines. Python warnings become log records.
+    """
+    netrt_logger = setup_logging(log_file, console=verbose)
+    handler = _file_handler(log_file)
+    root = logging.getLogger()
+    if handler is not None and handler not in root.handlers:
+        root.addHandler(handler)
+        netrt_logger.propagate = False  # its lines reach the same file through its own handler
+    if not verbose:
+        for other in root.handlers:
+            if isinstance(other, logging.StreamHandler) and not isinstance(other, logging.FileHandler):
+                other.setLevel(logging.CRITICAL + 1)
+    logging.captureWarnings(True)
+
+
+def log_unexpected(error: BaseException) -> Path:
+    """Write ``error`` with its traceback to the app log (or, before one is set up, a temporary file); return where."""
+    where = app_log_file()
+    if where is not None:
+        logging.getLogger(LOGGER_NAME).error("unexpected error", exc_info=error)
+        return where
+    import tempfile
+    import traceback
+
+    fd, name = tempfile.mkstemp(prefix="netrt-traceback-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(f"{utc_now_iso()} netrt: unexpected error\n")
+        handle.write("".join(traceback.format_exception(error)))
+    return Path(name)
+
+
 class TransactionLog:
     """Appends JSON lines: ``event``, ``time`` (UTC ISO 8601) and the given fields.
 

@@ -31,7 +31,7 @@ from .conftest import IN_CI, REPO, require_tool
 TIMEOUT_S = 1800  # the whole smoke benchmark takes minutes, more on a loaded machine
 pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.timeout(TIMEOUT_S)]
 
-ALL = ("receive", "deliver", "process", "endtoend", "orchestration", "scaling", "accuracy")
+ALL = ("receive", "deliver", "process", "endtoend", "orchestration", "scaling", "accuracy", "oneoff")
 KEPT = "<!-- bench:scale:start -->\n## Scale (another helper's section)\n\nkept as it is\n<!-- bench:scale:end -->"
 
 
@@ -136,6 +136,7 @@ def test_one_command_writes_every_section_and_the_summary_keeping_the_rest(smoke
         "orchestration": ["5. Orchestration overhead"],
         "scaling": ["6. Scaling: time per slice", "6. Scaling: peak RSS, 40 slices"],
         "accuracy": ["7. Mask accuracy"],
+        "oneoff": ["8. One-off `netrt process` overhead"],
     }
     names = [_cells(line)[0] for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert names == [name for figure in smoke.figures for name in expected[figure]]
@@ -273,3 +274,22 @@ def test_accuracy_section(smoke: Run) -> None:
         assert 0 < rtutils_dice <= 1, (roi, rtutils_dice)
     (row,) = _summary_rows(section)
     assert row["figure"] == "7. Mask accuracy"
+
+
+def test_oneoff_section(smoke: Run) -> None:
+    section = smoke.section("oneoff")
+    rows = _rows(section)
+
+    def value(prefix: str) -> float:
+        (key,) = [k for k in rows if k.startswith(prefix)]
+        return float(rows[key][1].strip("*"))
+
+    netrt, direct = value("`netrt process DIR`"), value("the same netrt calls, direct")
+    stages = value("stage times the run reports")
+    assert netrt > 0 and direct > 0 and stages > 0
+    # One run: the paired medians are the differences of the single runs.
+    assert abs(value("**overhead: netrt - direct") - (netrt - direct)) < 0.02
+    assert abs(value("overhead beyond the reported stage times") - (netrt - stages)) < 0.02
+    assert value("first command of a data dir") > 0
+    assert re.search(r"Target: overhead <= 5 s: (met|\*\*missed by \d+\.\d+ s\*\*) \(", section), section
+    assert re.search(r"load average at the end \(1, 5, 15 min\): \d+\.\d+", section)
