@@ -98,6 +98,19 @@ class PhantomSpec:
     modality: str = "CT"  # CT only for now
     # Patient (LPS) coordinate of the volume centre; off the origin so origin bugs show.
     volume_centre: tuple[float, float, float] = (0.0, -20.0, 100.0)
+    # Real-world variants (issue 18). Left at their defaults they change nothing, UIDs included.
+    # "instances": the CT files carry new SOPInstanceUIDs the RTSTRUCT does not know (a re-export
+    # after contouring); "series": a new SeriesInstanceUID too.
+    stale_references: str = ""
+    # ContourGeometricType written for every contour: "CLOSED_PLANAR" or "CLOSEDPLANAR_XOR".
+    contour_type: str = "CLOSED_PLANAR"
+    # Each contour point moved along the slice normal by a seeded uniform amount in +-this (mm),
+    # as float exports of some planning systems do (0.01-0.2 mm); 0 keeps every point in-plane.
+    off_plane_jitter_mm: float = 0.0
+    # A second image series in the same frame of reference (a registered scan; the RTSTRUCT does
+    # not reference it): "shifted" on a grid half a slice spacing off the planning CT's slices,
+    # "same_grid" on the planning CT's slice positions (like a second phase). Files CT2_*.dcm.
+    registered_series: str = ""
 
     @property
     def slice_count(self) -> int:
@@ -199,6 +212,7 @@ class PhantomManifest:
     rois: list[RoiTruth]
     geometry: PhantomGeometry
     out_dir: Path = field(default=Path("."))
+    registered_files: list[Path] = field(default_factory=list)  # spec.registered_series, spatial order
 
     def roi(self, name: str) -> RoiTruth:
         """The ROI called ``name``; NetrtError if there is none."""
@@ -283,6 +297,21 @@ def _content_problems(spec: PhantomSpec) -> list[str]:
         problems.append(f"PhantomSpec.modality must be one of {sorted(_MODALITIES)}, got {spec.modality!r}")
     if not _is_int(spec.seed) or spec.seed < 0:
         problems.append(f"PhantomSpec.seed must be an integer >= 0, got {spec.seed!r}")
+    if spec.stale_references not in ("", "instances", "series"):
+        problems.append(
+            f"PhantomSpec.stale_references must be '', 'instances' or 'series', got {spec.stale_references!r}"
+        )
+    if spec.contour_type not in ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR"):
+        problems.append(
+            f"PhantomSpec.contour_type must be 'CLOSED_PLANAR' or 'CLOSEDPLANAR_XOR', got {spec.contour_type!r}"
+        )
+    jitter = spec.off_plane_jitter_mm
+    if not _finite_numbers((jitter,), 1) or not 0 <= jitter < spec.slice_spacing / 4:
+        problems.append(f"PhantomSpec.off_plane_jitter_mm must be a number in [0, slice_spacing / 4), got {jitter!r}")
+    if spec.registered_series not in ("", "shifted", "same_grid"):
+        problems.append(
+            f"PhantomSpec.registered_series must be '', 'shifted' or 'same_grid', got {spec.registered_series!r}"
+        )
     problems += _check_text("patient_name", spec.patient_name, 64)
     problems += _check_text("patient_id", spec.patient_id, 64)
     problems += _check_text("accession_number", spec.accession_number, 16, allow_empty=True)
@@ -729,8 +758,19 @@ def roi_contains(spec: PhantomSpec, name: str, points_lps: npt.ArrayLike) -> Boo
 # --------------------------------------------------------------------------------------------
 
 
+#: Options added after phantoms were first written: left out of the fingerprint at their default,
+#: so that every phantom made before keeps its UIDs.
+_LATER_OPTIONS = {
+    "stale_references": "",
+    "contour_type": "CLOSED_PLANAR",
+    "off_plane_jitter_mm": 0.0,
+    "registered_series": "",
+}
+
+
 def _spec_fingerprint(spec: PhantomSpec) -> str:
-    return json.dumps(asdict(spec), sort_keys=True)
+    values = {k: v for k, v in asdict(spec).items() if _LATER_OPTIONS.get(k, object()) != v}
+    return json.dumps(values, sort_keys=True)
 
 
 def _uid(spec: PhantomSpec, role: str) -> str:
@@ -745,17 +785,26 @@ class _Uids:
     image_series: str
     rtstruct_series: str
     rtstruct_instance: str
-    images: list[str]  # spatial order
+    images: list[str]  # spatial order: what the CT files carry
+    referenced_series: str = ""  # what the RTSTRUCT names (differs only for stale references)
+    referenced_images: tuple[str, ...] = ()
 
     @classmethod
     def for_spec(cls, spec: PhantomSpec) -> _Uids:
+        images = [_uid(spec, f"image-{k}") for k in range(spec.slice_count)]
+        image_series = _uid(spec, "image-series")
+        stale = spec.stale_references
         return cls(
             study=_uid(spec, "study"),
             frame=_uid(spec, "frame-of-reference"),
-            image_series=_uid(spec, "image-series"),
+            image_series=image_series,
             rtstruct_series=_uid(spec, "rtstruct-series"),
             rtstruct_instance=_uid(spec, "rtstruct-instance"),
-            images=[_uid(spec, f"image-{k}") for k in range(spec.slice_count)],
+            images=images,
+            referenced_series=_uid(spec, "stale-image-series") if stale == "series" else image_series,
+            referenced_images=tuple(_uid(spec, f"stale-image-{k}") for k in range(len(images)))
+            if stale
+            else tuple(images),
         )
 
 
@@ -911,6 +960,43 @@ def _write_ct_series(
     return files
 
 
+def _write_registered_series(
+    spec: PhantomSpec, geometry: PhantomGeometry, uids: _Uids, labels: npt.NDArray[np.uint8],
+    lut: npt.NDArray[np.int16], dicom_dir: Path,
+) -> list[Path]:  # fmt: skip
+    """A second CT series in the same frame of reference (``spec.registered_series``), ``CT2_*.dcm``.
+
+    Same in-plane grid and anatomy as the planning CT, its own series and instance UIDs and noise;
+    "shifted" puts its slices half a slice spacing along the normal from the planning CT's (one
+    slice fewer), "same_grid" on the same positions. The RTSTRUCT references none of it.
+    """
+    if not spec.registered_series:
+        return []
+    shift = 0.5 if spec.registered_series == "shifted" else 0.0
+    rng = np.random.default_rng(spec.seed + 1)
+    series_uid = _uid(spec, "registered-series")
+    normal = np.asarray(geometry.slice_normal)
+    files = []
+    for k in range(labels.shape[0] - (1 if shift else 0)):
+        noise = rng.normal(0.0, NOISE_SIGMA_HU, size=labels.shape[1:])
+        ds = _ct_dataset(spec, geometry, uids, k, _slice_pixels(labels[k], lut, noise))
+        sop_uid = _uid(spec, f"registered-image-{k}")
+        ds.SOPInstanceUID = sop_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 3
+        ds.SeriesDescription = f"NETRT phantom registered ({spec.registered_series})"
+        ds.InstanceNumber = k + 1
+        position = geometry.slice_position(k) + shift * geometry.spacing[2] * normal
+        ds.ImagePositionPatient = _ds(position)
+        if "SliceLocation" in ds:
+            ds.SliceLocation = _ds([float(np.dot(position, normal))])[0]
+        path = dicom_dir / f"CT2_{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
 def _contour_image_item(sop_class: str, sop_instance: str) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = sop_class
@@ -923,8 +1009,10 @@ def _referenced_frame(spec: PhantomSpec, uids: _Uids) -> Dataset:
     sop_class = _MODALITIES[spec.modality][0]
     order = sorted(range(spec.slice_count), key=lambda k: _instance_number(spec, k))
     series = Dataset()
-    series.SeriesInstanceUID = uids.image_series
-    series.ContourImageSequence = DicomSequence([_contour_image_item(sop_class, uids.images[k]) for k in order])
+    series.SeriesInstanceUID = uids.referenced_series
+    series.ContourImageSequence = DicomSequence(
+        [_contour_image_item(sop_class, uids.referenced_images[k]) for k in order]
+    )
     study = Dataset()
     study.ReferencedSOPClassUID = DETACHED_STUDY_MANAGEMENT
     study.ReferencedSOPInstanceUID = uids.study
@@ -963,10 +1051,10 @@ def _shape_contours(shape: Shape, geometry: PhantomGeometry) -> dict[int, list[F
     return contours
 
 
-def _contour_item(points: FloatArray, number: int, image_item: Dataset) -> Dataset:
+def _contour_item(points: FloatArray, number: int, image_item: Dataset, kind: str = "CLOSED_PLANAR") -> Dataset:
     item = Dataset()
     item.ContourImageSequence = DicomSequence([image_item])
-    item.ContourGeometricType = "CLOSED_PLANAR"
+    item.ContourGeometricType = kind
     item.NumberOfContourPoints = len(points)
     item.ContourNumber = number
     item.ContourData = [f"{x:.6f}" for x in points.ravel()]
@@ -976,9 +1064,16 @@ def _contour_item(points: FloatArray, number: int, image_item: Dataset) -> Datas
 def _roi_contour_item(roi: RoiDefinition, geometry: PhantomGeometry, spec: PhantomSpec, uids: _Uids) -> Dataset:
     sop_class = _MODALITIES[spec.modality][0]
     items: list[Dataset] = []
+    # one generator per ROI, so the jitter of one ROI does not depend on the others
+    rng = np.random.default_rng([spec.seed, roi.number])
+    normal = np.asarray(geometry.slice_normal)
     for k, loops in sorted(_shape_contours(roi.shape, geometry).items()):
         for points in loops:
-            items.append(_contour_item(points, len(items) + 1, _contour_image_item(sop_class, uids.images[k])))
+            if spec.off_plane_jitter_mm:
+                jitter = rng.uniform(-spec.off_plane_jitter_mm, spec.off_plane_jitter_mm, size=(len(points), 1))
+                points = points + jitter * normal
+            image_item = _contour_image_item(sop_class, uids.referenced_images[k])
+            items.append(_contour_item(points, len(items) + 1, image_item, spec.contour_type))
     item = Dataset()
     item.ROIDisplayColor = list(roi.color)
     item.ReferencedROINumber = roi.number
@@ -1114,7 +1209,8 @@ def _prepare_out_dir(out_dir: Path) -> tuple[Path, Path]:
 def write_phantom(spec: PhantomSpec, out_dir: Path) -> PhantomManifest:
     """Write the CT series, RTSTRUCT, truth NIfTIs and manifest of ``spec`` under ``out_dir``.
 
-    Layout: ``dicom/`` (only DICOM: ``CT_0001.dcm``.. by InstanceNumber, ``RS.dcm``),
+    Layout: ``dicom/`` (only DICOM: ``CT_0001.dcm``.. by InstanceNumber, ``RS.dcm``, and
+    ``CT2_0001.dcm``.. for ``spec.registered_series``),
     ``truth/<roi>.nii.gz``, ``phantom.json``.
     """
     validate_spec(spec)
@@ -1125,6 +1221,7 @@ def write_phantom(spec: PhantomSpec, out_dir: Path) -> PhantomManifest:
     uids = _Uids.for_spec(spec)
     labels, truth_files, truths = _paint_truth(rois, geometry, truth_dir)
     image_files = _write_ct_series(spec, geometry, uids, labels, _hu_lookup(rois), dicom_dir)
+    registered_files = _write_registered_series(spec, geometry, uids, labels, _hu_lookup(rois), dicom_dir)
     del labels
     rtstruct_file = dicom_dir / RTSTRUCT_NAME
     _rtstruct_dataset(spec, geometry, uids, rois).save_as(rtstruct_file, enforce_file_format=True)
@@ -1143,6 +1240,7 @@ def write_phantom(spec: PhantomSpec, out_dir: Path) -> PhantomManifest:
         rois=truths,
         geometry=geometry,
         out_dir=out_dir,
+        registered_files=registered_files,
     )
     (out_dir / MANIFEST_NAME).write_text(json.dumps(_manifest_to_json(manifest), indent=2) + "\n")
     return manifest
@@ -1170,6 +1268,7 @@ def _manifest_to_json(manifest: PhantomManifest) -> dict[str, Any]:
         "truth_files": {name: _relative(p, out) for name, p in manifest.truth_files.items()},
         "rois": [asdict(roi) for roi in manifest.rois],
         "geometry": asdict(manifest.geometry),
+        "registered_files": [_relative(p, out) for p in manifest.registered_files],
     }
 
 
@@ -1232,6 +1331,7 @@ def _manifest_from_json(data: dict[str, Any], out_dir: Path) -> PhantomManifest:
         rois=[_roi_from_json(r) for r in data["rois"]],
         geometry=_geometry_from_json(data["geometry"]),
         out_dir=out_dir,
+        registered_files=[out_dir / p for p in data.get("registered_files", [])],
     )
 
 

@@ -13,9 +13,14 @@ from netrt.study._common import _listed, _tag
 from netrt.study.discovery import _Instance, _read_dataset, _read_instance, _scan, find_study
 from netrt.study.model import ImageSeries, ImagesOnlyStudy, LoadedStudy, NoStructureSetError
 from netrt.study.pixels import _decode_slice
-from netrt.study.references import _check_frames, _check_references
+from netrt.study.references import TAG_POSITION_MATCH, _check_frames, _check_references, match_by_position
 from netrt.study.stack import _check_same_frame, _check_same_plane, _grid, _image_members, _read_slice
-from netrt.study.structure_set import _choose_structure_set, _describe_series, _read_structure_set
+from netrt.study.structure_set import (
+    UnresolvedReferencesError,
+    _choose_structure_set,
+    _describe_series,
+    _read_structure_set,
+)
 
 
 def _common_folder(paths: Sequence[Path]) -> Path:
@@ -79,6 +84,11 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
     by interpolation. Larger gaps, duplicated positions, uneven spacing and sheared stacks are
     refused with the positions and files involved.
 
+    When nothing the RTSTRUCT names (contour images, and its referenced series unless received) is
+    in the study, its contours are matched to a series by position instead
+    (:func:`netrt.study.references.match_by_position`): loaded with a "references matched by
+    position" warning when exactly one series of its frame of reference fits, refused otherwise.
+
     Nothing is written, moved or deleted, whether the study passes or not.
 
     Raises:
@@ -96,7 +106,9 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
     if not structure_set_files:
         raise _no_rtstruct(StudyValidationError, study_uid, paths, series)
     structure_sets = [_read_structure_set(inst) for inst in structure_set_files]
-    chosen, series_uid, source, warnings = _choose_structure_set(structure_sets, series)
+    chosen, series_uid, source, warnings = _choose_structure_set(
+        structure_sets, series, lambda rs, cause: match_by_position(rs, series, cause)
+    )
 
     members, set_aside = _image_members(series[series_uid])
     warnings.extend(set_aside)
@@ -110,7 +122,12 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
     frame = _check_same_frame(slices, series_uid)
     warnings.extend(_check_frames(chosen, series_uid, frame, slices[0].path))
     owner = {inst.sop_instance_uid: uid for uid, group in series.items() for inst in group}
-    _check_references(chosen, series_uid, {s.sop_instance_uid for s in slices}, owner)
+    if source != TAG_POSITION_MATCH:
+        try:
+            _check_references(chosen, series_uid, {s.sop_instance_uid for s in slices}, owner)
+        except UnresolvedReferencesError as cause:  # its series was received, none of its images
+            _, source, note = match_by_position(chosen, series, cause, only=series_uid)
+            warnings.insert(0, note)
     _check_same_plane(slices)
     grid = _grid(slices, series_uid)
     ordered = grid.ordered

@@ -5,6 +5,7 @@ image series it is drawn on.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,19 @@ def _time_seconds(value: str) -> float:
     whole = whole.ljust(6, "0")
     seconds = int(whole[:2]) * 3600 + int(whole[2:4]) * 60 + int(whole[4:6])
     return seconds + (float(f"0.{fraction}") if fraction else 0.0)
+
+
+class UnresolvedReferencesError(StudyValidationError):
+    """The RTSTRUCT names images or a series of which nothing was received.
+
+    Raised where the references may simply be stale (the images re-exported under new UIDs after
+    contouring); :func:`netrt.study.references.match_by_position` then tries the contours'
+    positions, and re-raises this reason when that fails too.
+    """
+
+
+#: ``(structure set, why its references did not resolve) -> (series UID, reference rule, warning)``
+PositionFallback = Callable[["_StructureSet", UnresolvedReferencesError], tuple[str, str, str]]
 
 
 @dataclass(frozen=True)
@@ -167,7 +181,10 @@ def _resolve_image_series(rs: _StructureSet, series: dict[str, list[_Instance]])
         if len(found) == 1:
             return found[0], TAG_REFERENCED_SERIES
         if not found:
-            raise StudyValidationError(
+            named = contour_sops.union(*rs.series_images.values())
+            # stale only when no image it names was received either; else the RTSTRUCT contradicts itself
+            kind = StudyValidationError if any(sop in owner for sop in named) else UnresolvedReferencesError
+            raise kind(
                 f"references image series {_listed(list(rs.referenced_series))}, not in this study ({present})",
                 path=rs.path,
                 tag=TAG_REFERENCED_SERIES,
@@ -184,7 +201,7 @@ def _resolve_image_series(rs: _StructureSet, series: dict[str, list[_Instance]])
         if len(owners) == 1:
             return owners[0], TAG_CONTOUR_IMAGES
         if not owners:
-            raise StudyValidationError(
+            raise UnresolvedReferencesError(
                 f"none of the {len(contour_sops)} images its contours reference is in the study "
                 f"(e.g. {_listed(list(rs.contour_images))}; {present})",
                 path=rs.path,
@@ -231,12 +248,16 @@ def _resolve_image_series(rs: _StructureSet, series: dict[str, list[_Instance]])
 
 
 def _choose_structure_set(
-    structure_sets: list[_StructureSet], series: dict[str, list[_Instance]]
+    structure_sets: list[_StructureSet],
+    series: dict[str, list[_Instance]],
+    fallback: PositionFallback | None = None,
 ) -> tuple[_StructureSet, str, str, list[str]]:
     """Pick the RTSTRUCT to process: the newest; older ones on the same series are reported.
 
     Returns the chosen structure set, its image series UID, the reference rule and warnings. The
-    RTSTRUCTs not processed stay in the study's ``other_files``.
+    RTSTRUCTs not processed stay in the study's ``other_files``. When the chosen RTSTRUCT's
+    references name nothing received (:class:`UnresolvedReferencesError`), ``fallback`` (matching
+    by contour position) is asked for the series instead; its warning comes first.
 
     Raises:
         StudyValidationError: the newest RTSTRUCT does not resolve, or two different RTSTRUCTs of
@@ -246,9 +267,15 @@ def _choose_structure_set(
     by_path = sorted(structure_sets, key=lambda rs: str(rs.path))
     ranked = sorted(by_path, key=lambda rs: rs.rank, reverse=True)
     chosen = ranked[0]
-    series_uid, source = _resolve_image_series(chosen, series)
-    superseded: list[_StructureSet] = []
     warnings: list[str] = []
+    try:
+        series_uid, source = _resolve_image_series(chosen, series)
+    except UnresolvedReferencesError as exc:
+        if fallback is None:
+            raise
+        series_uid, source, note = fallback(chosen, exc)
+        warnings.append(note)
+    superseded: list[_StructureSet] = []
     for other in ranked[1:]:
         if other.instance.sop_instance_uid == chosen.instance.sop_instance_uid:
             warnings.append(
