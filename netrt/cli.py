@@ -117,6 +117,34 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- doctor ---------------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """One line per check of this machine and config, each failure with its fix; exit 0 only when all pass."""
+    from netrt.doctor import run_checks
+    from netrt.send import echo_destination
+
+    def echo(destination: DicomDestination, calling: str) -> float:
+        return echo_destination(destination, calling_ae_title=calling)
+
+    def local_server(config: NetrtConfig) -> str | None:
+        from flows.local_server import read_record
+
+        record = read_record(DataLayout.from_data_dir(config.paths.data_dir).prefect_home)
+        return None if record is None else f"the data dir's background server, pid {record.pid}"
+
+    checks = run_checks(args.config, echo, local_server)
+    for check in checks:
+        print(check.line(), flush=True)
+    failed = [check.name for check in checks if check.failed]
+    if failed:
+        print(f"{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}")
+        return EXIT_FAILURE
+    print(f"all {len(checks)} checks passed")
+    return EXIT_OK
+
+
 # --- phantom --------------------------------------------------------------------------------
 
 
@@ -885,6 +913,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     echo.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
     echo.set_defaults(handler=cmd_echo)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this machine and config: config, data dir, ports, Prefect API, destinations, tools",
+        description="One line per check, each failure with its fix: the config is valid; the data dir is "
+        "writable (and its free space); the listener port is free or a running NETRT answers C-ECHO there; "
+        "the Prefect API answers (prefect.api_url, or the local server can run); every dicom destination "
+        "answers C-ECHO; optional tools (dcmtk, Orthanc, dicom3tools) are present. Exit 0 only when every "
+        "check passes (a missing optional tool is reported, not failed).",
+    )
+    doctor.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    doctor.set_defaults(handler=cmd_doctor)
 
     phantom = commands.add_parser(
         "phantom",
