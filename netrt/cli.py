@@ -55,8 +55,10 @@ def _apply_prefect_environment(config: NetrtConfig, *, with_api_url: bool = True
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    load_config(args.file)
+    config = load_config(args.file)
     print(f"{args.file}: valid")
+    for note in config.notes():
+        print(f"  note: {note}")
     return EXIT_OK
 
 

@@ -501,6 +501,16 @@ class NetrtConfig(BaseSettings):
         # The environment overrides the YAML file (passed as init values); no .env or secrets dir.
         return (env_settings, init_settings)
 
+    def notes(self) -> list[str]:
+        """What a valid config will do that a user may not expect, for `netrt config check`."""
+        notes = []
+        if self.processing.overlay_groups == "per_roi" and "overlay" in self.processing.output_kinds():
+            notes.append(
+                "processing.overlay_groups: per_roi: one overlay group per kept ROI; an image holds at most 16, so "
+                "in a study with more kept ROIs the 16th and later share group 601E (the run summary names them)"
+            )
+        return notes
+
     def effective_destinations(self) -> list[FolderDestination | DicomDestination]:
         """The configured destinations, or the embedded folder default under the data dir."""
         if self.destinations:

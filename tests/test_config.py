@@ -154,3 +154,20 @@ def test_configuration_md_documents_every_key() -> None:
     assert len(keys) > 30  # the walk itself found the model's leaves
     missing = [k for k in keys if k not in documented]
     assert not missing, f"CONFIGURATION.md lacks: {missing}"
+
+
+def test_output_kinds_and_routing(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("processing: {burn_in: true, outputs: [seg, overlay]}\n")
+    assert load_config(path).processing.output_kinds() == ["overlay", "burn_in", "seg"]
+    path.write_text(
+        "processing: {outputs: [overlay]}\n"
+        "destinations:\n  - {name: a, type: folder, path: /tmp/a, outputs: [overlay, color]}\n"
+    )
+    with pytest.raises(ConfigError, match=r"destinations\[0\]\.outputs: color not made"):
+        load_config(path)
+    path.write_text("destinations:\n  - {name: a, type: folder, path: /tmp/a, outputs: [source, overlay]}\n")
+    assert load_config(path).destinations[0].outputs == ["source", "overlay"]
+    path.write_text("processing: {outputs: [overlay, smoke]}\n")
+    with pytest.raises(ConfigError, match=r"processing\.outputs"):
+        load_config(path)
