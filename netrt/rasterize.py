@@ -10,10 +10,23 @@ cosines, normal, anisotropic spacing), so oblique and reversed series land on th
 The rules, in one place:
 
 * **Plane.** A contour belongs to slice ``k = round(index_z)`` if every point lies within
-  ``plane_tolerance`` (default 0.25) slice spacings of that slice. Contours between slices, tilted
-  against the slices, outside the volume, with fewer than 3 points or non-finite coordinates are
-  *skipped and reported* (:class:`SkippedContour`), never raised: one bad contour in a
-  600-contour ROI should not cost the whole study, but the physicist must see it.
+  ``plane_tolerance`` (default 0.25) slice spacings of that slice's plane. Points need not lie
+  exactly in the plane: float exports scatter them 0.01-0.2 mm off it, and each is judged on its
+  own distance, so such a contour stays on its slice as long as every point is within the
+  tolerance (0.2 mm jitter fits down to 0.8 mm slices). A contour whose points span more than
+  twice the tolerance along the normal cannot lie near any one plane and is reported as not
+  parallel. Contours between slices, tilted against the slices, outside the volume, with fewer
+  than 3 points or non-finite coordinates are *skipped and reported* (:class:`SkippedContour`),
+  never raised: one bad contour in a 600-contour ROI should not cost the whole study, but the
+  physicist must see it.
+* **No area.** A contour whose points all lie within :data:`DEGENERATE_TOLERANCE` voxels of one
+  straight line (a single repeated point, two points, a collinear run, an outline traced out and
+  back along a line) encloses nothing; it is skipped and reported naming the contour, not raised
+  and not silently "used". (Any other polygon is filled by the rules below, even one that happens to
+  cover no voxel centre.)
+* **Closing point.** A contour may repeat its first point at the end (some exporters close the
+  ring explicitly); the repeat adds a zero-length edge, which crosses no row, so the mask is that of
+  the open form. The repeat check below also ignores it.
 * **Inside.** Voxel ``(row r, col c)`` of slice ``k`` is inside when its centre ``(c, r)`` is inside
   the polygon by the crossing-number test.
 * **Edges (half-open, "top-left" rule).** A centre exactly on the boundary is inside when the
@@ -27,7 +40,11 @@ The rules, in one place:
   contour inside another is a hole, a contour inside that hole is an island, and two separate
   contours that overlap cancel where they overlap. This is how plastimatch reads nested
   CLOSED_PLANAR contours (the usual way exporters store a hole without a keyhole cut) and what
-  the standard's CLOSEDPLANAR_XOR type states explicitly. Overlapping
+  the standard's CLOSEDPLANAR_XOR type states explicitly (also accepted spelt CLOSED_PLANAR_XOR),
+  so both types, even mixed in one ROI, go through the same fill. Consequences, each tested: a
+  hole that touches its outer contour at one point (self-touching) is still a hole, the shared
+  vertex being decided by the edge rule; any number of separate contours on one slice (the
+  seven lobes of a lung) are each filled, none interacting with another. Overlapping
   separate contours are rare and ambiguous in practice; XOR is used for them too rather than
   guessing a union, so that the same data always gives the same mask. The one exception is a
   repeat (same slice, same vertices, whatever the start point or direction): it is skipped and
@@ -75,8 +92,15 @@ _MAX_BLOCK_CELLS = 1 << 23
 #: erase it.
 DUPLICATE_DECIMALS = 3
 
-#: Contour Geometric Types (3006,0042) that enclose an area.
-FILLABLE_GEOMETRIC_TYPES = frozenset({"CLOSED_PLANAR", "CLOSEDPLANAR_XOR"})
+#: Contour Geometric Types (3006,0042) that enclose an area. The standard's term is
+#: CLOSEDPLANAR_XOR; CLOSED_PLANAR_XOR is the spelling some software writes for the same thing.
+FILLABLE_GEOMETRIC_TYPES = frozenset({"CLOSED_PLANAR", "CLOSEDPLANAR_XOR", "CLOSED_PLANAR_XOR"})
+
+#: A contour whose points all lie within this many voxels (RMS distance) of one straight line has
+#: no area: it is skipped and reported. A thousandth of a voxel is far below any drawn outline
+#: (the narrowest real sliver is a few tenths of a voxel wide) and far above the rounding of DS
+#: coordinates through the index transform (~1e-6 voxels).
+DEGENERATE_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,14 @@ def _snap(values: FloatArray) -> FloatArray:
     """Round values within :data:`SNAP_EPS` of an integer onto it (see the edge rule)."""
     nearest = np.rint(values)
     return np.where(np.abs(values - nearest) <= SNAP_EPS, nearest, values)
+
+
+def _line_distance(points: FloatArray) -> float:
+    """RMS distance (index units) of 2-D points from their best-fitting straight line (0 if collinear)."""
+    centred = points - points.mean(axis=0)
+    covariance = centred.T @ centred / len(points)
+    smallest = float(np.linalg.eigvalsh(covariance)[0])
+    return float(np.sqrt(max(smallest, 0.0)))
 
 
 def _outline_fingerprint(points: FloatArray) -> bytes:
@@ -246,9 +278,10 @@ def rasterize_contours(
     *,
     plane_tolerance: float = DEFAULT_PLANE_TOLERANCE,
 ) -> RasterResult:
-    """Mask of one ROI from its CLOSED_PLANAR contours (``(N, 3)`` LPS mm each, as in ContourData).
+    """Mask of one ROI from its closed contours (``(N, 3)`` LPS mm each, as in ContourData).
 
-    See the module docstring for the plane, inside, edge and XOR rules. Contours that cannot be
+    The contours are those of types CLOSED_PLANAR and CLOSEDPLANAR_XOR (both filled by the same
+    even-odd rule). See the module docstring for the plane, no-area, inside, edge and XOR rules. Contours that cannot be
     placed are returned in ``skipped`` with the reason; ``contours_used`` counts the rest (a used
     contour may still cover no voxel centre, e.g. a sliver narrower than a voxel).
 
@@ -300,10 +333,11 @@ def rasterize_contours(
         k = int(plane[j])
         spread = float(z_max[j] - z_min[j])
         offset = max(float(z_max[j]) - k, k - float(z_min[j]))
-        if spread > plane_tolerance:
+        if spread > 2 * plane_tolerance:
             reason = (
                 f"is not parallel to the image slices: its points span {spread * slice_mm:.3f} mm "
-                f"along the slice normal (tolerance {plane_tolerance * slice_mm:.3f} mm)"
+                f"along the slice normal (every point must lie within {plane_tolerance * slice_mm:.3f} mm "
+                "of one slice plane)"
             )
         elif k < 0 or k >= n_slices:
             reason = (
@@ -319,6 +353,8 @@ def rasterize_contours(
             )
         elif x_max[j] < -0.5 or x_min[j] > n_cols - 0.5 or y_max[j] < -0.5 or y_min[j] > n_rows - 0.5:
             reason = "lies entirely outside the image in-plane"
+        elif _line_distance(index[starts[j] : starts[j] + lengths[j], :2]) <= DEGENERATE_TOLERANCE:
+            reason = "has no area: its points lie on one straight line (or one point), so it encloses nothing"
         else:
             use[j] = True
             continue

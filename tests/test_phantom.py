@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -485,6 +486,33 @@ def test_same_spec_same_uids_and_pixels(axial: PhantomManifest, tmp_path: Path) 
     assert len(set(uids)) == len(uids) and all(len(u) <= 64 for u in uids)
 
 
+def test_later_options_at_their_defaults_keep_the_uids(axial: PhantomManifest, tmp_path: Path) -> None:
+    """Options added for issue 18 leave every earlier phantom's UIDs alone; set, they change them."""
+    explicit = replace(
+        SMALL_AXIAL, stale_references="", contour_type="CLOSED_PLANAR", off_plane_jitter_mm=0.0, registered_series=""
+    )
+    again = write_phantom(explicit, tmp_path / "again")
+    assert again.study_instance_uid == axial.study_instance_uid
+    assert again.image_sop_instance_uids == axial.image_sop_instance_uids
+    stale = write_phantom(replace(SMALL_AXIAL, stale_references="instances"), tmp_path / "stale")
+    assert stale.study_instance_uid != axial.study_instance_uid
+
+
+def test_registered_series_shares_the_frame_but_nothing_else(tmp_path: Path) -> None:
+    manifest = write_phantom(replace(SMALL_REVERSED, registered_series="shifted"), tmp_path)
+    planning = [pydicom.dcmread(p, stop_before_pixels=True) for p in manifest.image_files]
+    registered = [pydicom.dcmread(p, stop_before_pixels=True) for p in manifest.registered_files]
+    assert len(registered) == len(planning) - 1
+    assert {ds.FrameOfReferenceUID for ds in registered} == {manifest.frame_of_reference_uid}
+    assert {ds.SeriesInstanceUID for ds in registered}.isdisjoint({manifest.image_series_uid})
+    assert {ds.SOPInstanceUID for ds in registered}.isdisjoint(manifest.image_sop_instance_uids)
+    normal = np.asarray(manifest.geometry.slice_normal)
+    planes = sorted(float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))) for ds in planning)
+    shifted = sorted(float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))) for ds in registered)
+    np.testing.assert_allclose(np.asarray(shifted) - planes[:-1], SMALL_REVERSED.slice_spacing / 2, atol=1e-4)
+    assert load_manifest(manifest.out_dir).registered_files == manifest.registered_files
+
+
 def test_refuses_dicom_dir_with_files(tmp_path: Path) -> None:
     (tmp_path / "dicom").mkdir()
     (tmp_path / "dicom" / "old.dcm").write_bytes(b"x")
@@ -505,6 +533,10 @@ def test_refuses_dicom_dir_with_files(tmp_path: Path) -> None:
         ({"modality": "MR"}, "modality"),
         ({"patient_birth_date": "1970-01-01"}, "patient_birth_date"),
         ({"accession_number": "A" * 17}, "accession_number"),
+        ({"stale_references": "yes"}, "stale_references"),
+        ({"contour_type": "POINT"}, "contour_type"),
+        ({"off_plane_jitter_mm": 0.5}, "off_plane_jitter_mm"),  # a quarter of the 2 mm slices or more
+        ({"registered_series": "MR"}, "registered_series"),
     ],
 )
 def test_bad_spec_is_refused_naming_the_field(changes: dict[str, object], field: str, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from netrt import rasterize as rasterize_module
 from netrt.errors import RoiError
 from netrt.geometry import ImageGeometry, geometry_from_slices, index_to_patient, to_sitk_image
+from netrt.masks import RoiContours, merge_rois, roi_mask
 from netrt.rasterize import (
     fill_polygons,
     geometric_type_skip_reason,
@@ -395,6 +396,114 @@ def test_geometric_type_rule():
     assert "no inside" in (geometric_type_skip_reason("OPEN_PLANAR") or "")
     assert "no inside" in (geometric_type_skip_reason("OPEN_NONPLANAR") or "")
     assert "unknown" in (geometric_type_skip_reason("BLOB") or "")
+
+
+# ---- real-world contours (issue 18 item 2) -----------------------------------------------------
+
+
+def test_xor_type_in_both_spellings_is_filled_by_the_same_even_odd_rule():
+    assert geometric_type_skip_reason("CLOSED_PLANAR_XOR") is None
+    geom = axial_geometry(30, 30, 1)
+    outer, hole = rectangle(2.5, 20.5, 2.5, 20.5, 0), rectangle(6.5, 12.5, 6.5, 12.5, 0)
+    planar = roi_mask(RoiContours(1, "ring", (outer, hole), ("CLOSED_PLANAR", "CLOSED_PLANAR")), geom)
+    for kinds in [("CLOSEDPLANAR_XOR",) * 2, ("CLOSED_PLANAR_XOR",) * 2, ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR")]:
+        mask, used, skipped = roi_mask(RoiContours(1, "ring", (outer, hole), kinds), geom)
+        assert used == 2 and skipped == [], kinds
+        np.testing.assert_array_equal(mask, planar[0])
+    expected = np.zeros((30, 30), dtype=bool)
+    expected[3:21, 3:21] = True
+    expected[7:13, 7:13] = False
+    np.testing.assert_array_equal(planar[0][0], expected)
+
+
+def test_points_up_to_a_quarter_slice_off_the_plane_stay_on_their_slice():
+    """Float exports scatter points 0.01-0.2 mm off the plane: on 1 mm slices every one stays put."""
+    geom = axial_geometry(40, 40, 4, slice_spacing=1.0)
+    rng = np.random.default_rng(3)
+    flat = circle(20.2, 19.7, 9.0, 2.0, n=300)
+    expected = rasterize_contours([flat], geom, "flat").mask
+    assert expected[2].sum() > 200
+    for jitter in (0.01, 0.1, 0.2, 0.24):
+        noisy = flat.copy()
+        noisy[:, 2] += rng.uniform(-jitter, jitter, len(noisy))
+        noisy[0, 2], noisy[1, 2] = 2.0 - jitter, 2.0 + jitter  # the extremes are reached
+        result = rasterize_contours([noisy], geom, "jitter")
+        assert result.skipped == [] and result.contours_used == 1, jitter
+        np.testing.assert_array_equal(result.mask, expected, err_msg=str(jitter))
+    beyond = flat.copy()
+    beyond[5, 2] += 0.3  # one point 0.3 mm off on 1 mm slices: beyond the quarter spacing
+    (skipped,) = rasterize_contours([beyond], geom, "beyond").skipped
+    assert "between slices 2 and 3" in skipped.reason
+
+
+def test_duplicated_closing_and_repeated_points_change_nothing():
+    geom = axial_geometry(20, 20, 1)
+    square = rectangle(2.5, 11.5, 3.5, 15.5, 0)
+    closed = np.vstack([square, square[:1]])
+    stuttered = np.vstack([square[:1], square[:1], square[1:2], square[1:], square[:1], square[:1]])
+    expected = rasterize_contours([square], geom, "open").mask
+    assert expected.sum() == 9 * 12
+    for variant in (closed, stuttered):
+        result = rasterize_contours([variant], geom, "closed")
+        assert result.skipped == [] and result.contours_used == 1
+        np.testing.assert_array_equal(result.mask, expected)
+
+
+def test_zero_area_and_collinear_contours_are_skipped_with_a_warning_naming_roi_and_contour():
+    geom = axial_geometry(20, 20, 1)
+    good = rectangle(2.5, 8.5, 2.5, 8.5, 0)
+    point = np.array([[5.0, 5.0, 0.0]] * 4)
+    line = np.array([[1.0, 1.0, 0.0], [5.0, 9.0, 0.0], [3.0, 5.0, 0.0]])  # on y = 2x - 1
+    back_and_forth = np.array([[10.0, 2.0, 0.0], [16.0, 2.0, 0.0], [13.0, 2.0, 0.0], [16.0, 2.0, 0.0]])
+    sliver = np.array([[10.0, 10.0, 0.0], [18.0, 10.0, 0.0], [18.0, 10.3, 0.0]])  # thin, but a real area
+    roi = RoiContours(7, "Lung_L", (good, point, line, back_and_forth, sliver), ("CLOSED_PLANAR",) * 5)
+    merged = merge_rois([roi], geom, [], [])
+    (report,) = merged.rois
+    assert report.contours_used == 2  # good and the sliver
+    assert [w.split(":")[1].strip() for w in merged.warnings] == ["contour 1 skipped", "contour 2 skipped",
+                                                                  "contour 3 skipped"]  # fmt: skip
+    assert all(w.startswith("ROI 'Lung_L': contour") and "has no area" in w for w in merged.warnings)
+    expected = np.zeros(geom.shape, dtype=bool)
+    expected[0, 3:9, 3:9] = True
+    expected[0] |= reference_even_odd([sliver[:, :2]], 20, 20)
+    np.testing.assert_array_equal(merged.mask, expected)
+
+
+def test_a_hole_touching_its_outline_at_one_point_is_still_a_hole():
+    """Self-touching holes, as two contours and as one keyhole-free outline that touches itself."""
+    geom = axial_geometry(24, 24, 1)
+    outer = [(1.5, 1.5), (19.5, 1.5), (19.5, 19.5), (1.5, 19.5)]
+    diamond = [(1.5, 10.5), (8.5, 5.5), (15.5, 10.5), (8.5, 15.5)]  # touches the left edge at (1.5, 10.5)
+    self_touching = [*outer, (1.5, 10.5), (8.5, 15.5), (15.5, 10.5), (8.5, 5.5), (1.5, 10.5)]
+    expected = reference_even_odd([np.array(outer), np.array(diamond)], 24, 24)
+    assert expected[5, 5] and not expected[10, 8] and not expected[10, 14] and expected[10, 17]
+    for polygons in ([outer, diamond], [self_touching]):
+        contours = [in_index_space(geom, polygon, 0) for polygon in polygons]
+        result = rasterize_contours(contours, geom, "touching")
+        assert result.skipped == []
+        np.testing.assert_array_equal(result.mask[0], expected)
+    yy, xx = np.mgrid[0:24, 0:24]
+    distance = np.abs(xx - 8.5) / 7 + np.abs(yy - 10.5) / 5  # 1 on the diamond's outline
+    in_square = (xx >= 2) & (xx <= 19) & (yy >= 2) & (yy <= 19)
+    off_edge = ~np.isclose(distance, 1.0)  # centres on the outline follow the half-open edge rule
+    assert off_edge.sum() > 570
+    np.testing.assert_array_equal(expected[off_edge], (in_square & (distance > 1))[off_edge])  # analytic truth
+
+
+def test_seven_separate_contours_on_one_slice_are_each_filled():
+    """A lung cut by one slice can give many separate outlines: none may cancel or merge another."""
+    geom = axial_geometry(80, 90, 3, pixel=(0.5, 0.5), slice_spacing=2.0)
+    centres = [(6.0, 6.0), (20.0, 7.0), (35.0, 8.0), (8.0, 25.0), (22.0, 24.0), (36.0, 27.0), (21.0, 36.0)]
+    radii = [3.0, 4.5, 2.5, 5.0, 3.5, 4.0, 2.0]
+    contours = [circle(cx + 0.13, cy - 0.07, r, 2.0, n=400) for (cx, cy), r in zip(centres, radii, strict=True)]
+    result = rasterize_contours(contours, geom, "Lung_R")
+    assert result.contours_used == 7 and result.skipped == []
+    assert not result.mask[0].any() and not result.mask[2].any()
+    each = [rasterize_contours([c], geom, "one").mask[1] for c in contours]
+    np.testing.assert_array_equal(result.mask[1], np.logical_or.reduce(each))
+    assert sum(int(m.sum()) for m in each) == int(result.mask[1].sum())  # disjoint: nothing cancelled
+    for mask, r in zip(each, radii, strict=True):
+        assert mask.sum() * 0.25 == pytest.approx(np.pi * r * r, rel=0.03)
 
 
 # ---- speed -------------------------------------------------------------------------------------
