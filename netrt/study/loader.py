@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from netrt.errors import DicomInputError, StudyValidationError
-from netrt.study._common import _listed, _tag
+from netrt.study._common import IMAGE_MODALITIES, IMAGE_SOP_CLASSES, _listed, _tag
 from netrt.study.discovery import _Instance, _read_dataset, _read_instance, _scan, find_study
 from netrt.study.model import ImageSeries, ImagesOnlyStudy, LoadedStudy, NoStructureSetError
 from netrt.study.pixels import _decode_slice
@@ -137,6 +137,17 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
 
     used = {s.path for s in ordered} | {chosen.path}
     other_files = tuple(p for p in paths if p not in used)
+    registered_files = tuple(
+        sorted(
+            inst.path
+            for uid, group in series.items()
+            if uid != series_uid
+            for inst in group
+            if not inst.is_rtstruct
+            and inst.frame_of_reference_uid == frame
+            and (inst.modality in IMAGE_MODALITIES or inst.sop_class_uid in IMAGE_SOP_CLASSES)
+        )
+    )
     first = ordered[0]
     images = ImageSeries(
         series_instance_uid=series_uid,
@@ -158,6 +169,7 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
         other_files=other_files,
         warnings=tuple(warnings),
         reference_source=source,
+        registered_files=registered_files,
     )
 
 

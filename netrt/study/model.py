@@ -123,6 +123,10 @@ class LoadedStudy:
     sentences for the run summary; they name files and UIDs, never patient data.
     ``reference_source`` says which rule tied the RTSTRUCT to the image series (the tag path of
     the referenced series, of the contour images, or of the frame of reference).
+    ``registered_files`` are the files of the study's *other* image series in the processed
+    series' frame of reference (a registered MR, a CBCT, another CT phase), sorted by path: never
+    stacked with ``images`` nor processed, kept so that they can be forwarded with the study
+    (``source`` routing). They are also in ``other_files``.
     """
 
     study_instance_uid: str
@@ -132,3 +136,4 @@ class LoadedStudy:
     other_files: tuple[Path, ...]
     warnings: tuple[str, ...]
     reference_source: str = ""
+    registered_files: tuple[Path, ...] = ()
