@@ -661,6 +661,25 @@ def _save_bytes(pieces: Sequence[bytes], sop_instance_uid: str, out_dir: Path) -
     return _save_as(out_dir, sop_instance_uid, lambda handle: handle.writelines(pieces))
 
 
+class SliceWriter:
+    """Writes the files of a series whose slices differ only in ``slice_tags``: every other element
+    is encoded once (see :class:`_SliceEncoder`), each file is what ``dcmwrite(ds,
+    enforce_file_format=True)`` writes for ``ds`` as it stands, under ``<SOPInstanceUID>.dcm``,
+    written atomically (:func:`_save_as`). Set the slice elements on ``ds`` (every one must already
+    be present when the writer is made), then call :meth:`write`; ``ds`` must be Explicit VR
+    Little Endian. Used by output kinds that write many slices (the colour series)."""
+
+    def __init__(self, ds: Dataset, slice_tags: Sequence[int]) -> None:
+        self._encoder = _encoder(ds, tuple(sorted(slice_tags)))
+
+    @property
+    def ds(self) -> Dataset:
+        return self._encoder.ds
+
+    def write(self, out_dir: Path) -> Path:
+        return _save_bytes(_encode(self._encoder), str(self._encoder.ds.SOPInstanceUID), out_dir)
+
+
 @dataclass(frozen=True)
 class SeriesOutput:
     """One series to write from a reformatted plane: its folder, settings and burn-in flag."""

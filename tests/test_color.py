@@ -380,3 +380,17 @@ def test_bad_settings_and_missing_masks_are_named(made: Made) -> None:
     ghost = RoiInfo(999, "ghost", (1, 2, 3), False, "")
     with pytest.raises(RoiError, match="ghost"):
         write_color_series(made.study, [ghost], made.masks, "axial", made.root / "ghost", _settings())
+
+
+def test_pre_encoded_colour_files_are_what_dcmwrite_writes(made: Made) -> None:
+    """The colour series encodes the elements its slices share once (netrt.overlay.SliceWriter);
+    each file must still be, byte for byte, what pydicom's dcmwrite writes for its data set."""
+    from io import BytesIO
+
+    from pydicom.filewriter import dcmwrite
+
+    for plane, files in made.full.items():
+        for path in (files[0], files[len(files) // 2], files[-1]):
+            buffer = BytesIO()
+            dcmwrite(buffer, dcmread(path), enforce_file_format=True)
+            assert buffer.getvalue() == path.read_bytes(), f"{plane}: {path.name}"

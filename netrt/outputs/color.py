@@ -53,7 +53,6 @@ from highdicom.sc import SCImage
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
@@ -61,17 +60,16 @@ from pydicom.valuerep import format_number_as_ds
 from netrt import __version__
 from netrt.burnin import first_value, outline
 from netrt.errors import DicomInputError, NetrtError, RoiError
-from netrt.fileio import atomic_output
 from netrt.geometry import ImageGeometry
 from netrt.outputs.base import OutputContext, OutputKind, WrittenSeries
 from netrt.outputs.rois import RoiBox, RoiInfo, load_roi_box
 from netrt.outputs.text import Annotation, composite, render_annotation
-from netrt.overlay import output_instance_uid
+from netrt.overlay import SliceWriter, output_instance_uid
 from netrt.reformat import PLANES, MaskField, plane_geometry, prepare_mask, prepare_source, reformat_slabs
 from netrt.settings import PLANE_NUMBER, kind_settings_key
 from netrt.stamps import stamp_files
 from netrt.study import LoadedStudy, read_source_image
-from netrt.uids import checked_uid, derived_uid
+from netrt.uids import derived_uid
 
 _sitk: Any = sitk
 
@@ -317,12 +315,27 @@ def _template(
     return sc
 
 
-def _write(sc: SCImage, out_dir: Path) -> Path:
-    """``<out_dir>/<SOPInstanceUID>.dcm`` via a temporary name and a rename (derived data: no fsync)."""
-    target = out_dir / f"{checked_uid(sc.SOPInstanceUID, 'output SOPInstanceUID')}.dcm"
-    with atomic_output(target, durable=False) as handle:
-        dcmwrite(handle, sc, enforce_file_format=True)
-    return target
+#: The elements that differ between the slices of a colour series: SOPInstanceUID, InstanceNumber,
+#: ImagePositionPatient, PixelData; on axial also SourceImageSequence and the received slice's own
+#: orientation, spacing and thickness. Everything else is encoded once per series
+#: (:class:`netrt.overlay.SliceWriter`), which made writing 3x faster than ``dcmwrite`` per slice.
+_SLICE_TAGS = (0x00080018, 0x00200013, 0x00200032, 0x7FE00010)
+_AXIAL_SLICE_TAGS = (*_SLICE_TAGS, 0x00082112, 0x00200037, 0x00280030, 0x00180050)
+
+
+class _LazyWriter:
+    """A :class:`SliceWriter` made at the first write, once the first slice's elements are set
+    (an axial source may lack an optional geometry element: then it is not a slice element)."""
+
+    def __init__(self, sc: SCImage, plane: str, out_dir: Path) -> None:
+        self._sc, self._out_dir = sc, out_dir
+        self._tags = _AXIAL_SLICE_TAGS if plane == "axial" else _SLICE_TAGS
+        self._writer: SliceWriter | None = None
+
+    def write(self) -> Path:
+        if self._writer is None:
+            self._writer = SliceWriter(self._sc, [tag for tag in self._tags if tag in self._sc])
+        return self._writer.write(self._out_dir)
 
 
 def _set_slice(sc: SCImage, series_uid: str, index: int, rgb: UInt8Array) -> None:
@@ -384,6 +397,7 @@ def write_color_series(
     opacity = float(settings.fill_opacity)
 
     written: list[Path] = []
+    writer = _LazyWriter(sc, plane, out_dir)
     if plane == "axial":
         boxes = [_roi_box(roi_masks, roi, geometry.shape) for roi in rois]  # boxes only: ROIs are small
         for index, (k, path, sop_uid) in enumerate(
@@ -404,7 +418,7 @@ def write_color_series(
                 annotation,
             )
             _set_slice(sc, series_uid, index, drawn)
-            written.append(_write(sc, out_dir))
+            written.append(writer.write())
         return written
 
     # each ROI prepared from its box (no whole-grid mask), resampled beside the image as a layer
@@ -425,7 +439,7 @@ def write_color_series(
             )
             sc.ImagePositionPatient = _ds_strings(target.origin + index * step)
             _set_slice(sc, series_uid, index, drawn)
-            written.append(_write(sc, out_dir))
+            written.append(writer.write())
     return written
 
 
