@@ -74,6 +74,7 @@ def _clean(data_dir: Path) -> None:
 def run(options: Options) -> str:
     from netrt.phantom import PhantomSpec, write_phantom
 
+    load_before = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="netrt-bench-oneoff-"))
     spec = PhantomSpec(rows=64, columns=64, slices=20) if options.smoke else PhantomSpec()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "NETRT_"))}
@@ -143,6 +144,13 @@ def run(options: Options) -> str:
         ],
     )
     load = os.getloadavg()
+    busy = max(load_before[0], load[0]) > 1.5
+    shared = (
+        " **The machine was busy with other work (1-min load above 1.5): these times are longer than on a quiet "
+        "machine; both variants ran under the same load, alternating.**"
+        if busy
+        else ""
+    )
     return (
         f"## One-off command overhead\n\n{what}; {options.runs} runs per variant, alternating, each in a fresh "
         "process; the data dir's outputs, work files and results cache removed before every run (no cache hits). "
@@ -153,7 +161,8 @@ def run(options: Options) -> str:
         f"reports: {beyond_stages:.2f} s ({beyond_verdict}); the stage times of concurrent stages (axial beside "
         "the reformats) add up to more than their wall time, so this difference is a lower bound.\n\n"
         f"{machine(('netrt', 'prefect', 'pydicom', 'SimpleITK')).markdown()}\n"
-        f"- load average at the end (1, 5, 15 min): {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}\n"
+        f"- load average (1, 5, 15 min) at the start: {load_before[0]:.2f}, {load_before[1]:.2f}, "
+        f"{load_before[2]:.2f}; at the end: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}{shared}\n"
         f"- command: `{command_line()}`\n\n"
         + summary_row(
             figure="8. One-off `netrt process` overhead",

@@ -221,6 +221,9 @@ def launch_background_server(
     with (prefect_home / "local-server.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         running = read_record(prefect_home)
+        if running is not None and running.port != port:
+            stop_background_server(running)  # prefect.server_port changed since it started
+            running = None
         if running is not None:
             touch_record(running)
             return running, False

@@ -582,7 +582,12 @@ def _run_node(args: argparse.Namespace, *, local_server: bool, flow_server: bool
     server: subprocess.Popen[bytes] | None = None
     flows: subprocess.Popen[bytes] | None = None
     listener: ListenerService | None = None
-    background = read_record(layout.prefect_home) if local_server else None
+    background = read_record(layout.prefect_home) if config.prefect.api_url is None else None
+    if background is not None and background.port != config.prefect.server_port:
+        from flows.local_server import stop_background_server
+
+        stop_background_server(background)  # prefect.server_port changed since it started
+        background = None
     lease = KeepAlive(background) if background is not None else None
     try:
         if background is not None and lease is not None:

@@ -292,4 +292,4 @@ def test_oneoff_section(smoke: Run) -> None:
     assert abs(value("overhead beyond the reported stage times") - (netrt - stages)) < 0.02
     assert value("first command of a data dir") > 0
     assert re.search(r"Target: overhead <= 5 s: (met|\*\*missed by \d+\.\d+ s\*\*) \(", section), section
-    assert re.search(r"load average at the end \(1, 5, 15 min\): \d+\.\d+", section)
+    assert re.search(r"load average \(1, 5, 15 min\) at the start: \d+\.\d+.*; at the end: \d+\.\d+", section)
