@@ -65,24 +65,37 @@ def app_log_file() -> Path | None:
     return None
 
 
+def _is_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+
+
 def route_library_logs(log_file: Path, *, verbose: bool) -> None:
     """Every library's log lines (Prefect's per-task INFO lines, their tracebacks, warnings) to ``log_file``.
 
     Call after the libraries configured their logging (Prefect does so when it is imported, replacing
-    the root logger's handlers). The root logger gets the ``netrt`` logger's file handler, so one
-    file holds both in order; unless ``verbose``, the console handlers already on the root logger are
-    silenced, so a command's terminal shows only its own lines. Python warnings become log records.
+    the root logger's handlers). The root logger, and every logger that does not pass its lines on to
+    it (Prefect's internal one), get the ``netrt`` logger's file handler, so one file holds them all
+    in order; unless ``verbose``, their console handlers are silenced, so a command's terminal shows
+    only its own lines. Python warnings become log records.
     """
     netrt_logger = setup_logging(log_file, console=verbose)
     handler = _file_handler(log_file)
-    root = logging.getLogger()
-    if handler is not None and handler not in root.handlers:
-        root.addHandler(handler)
-        netrt_logger.propagate = False  # its lines reach the same file through its own handler
-    if not verbose:
-        for other in root.handlers:
-            if isinstance(other, logging.StreamHandler) and not isinstance(other, logging.FileHandler):
-                other.setLevel(logging.CRITICAL + 1)
+    if handler is None:  # setup_logging has just added it; never None here
+        return
+    netrt_logger.propagate = False  # its lines reach the file through its own handler
+    loggers = [logging.getLogger()]
+    loggers += [
+        logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger) and not logger.propagate and name != LOGGER_NAME
+    ]
+    for logger in loggers:
+        consoles = [h for h in logger.handlers if _is_console(h)]
+        if (logger is logging.getLogger() or consoles) and handler not in logger.handlers:
+            logger.addHandler(handler)
+        if not verbose:
+            for console in consoles:
+                console.setLevel(logging.CRITICAL + 1)
     logging.captureWarnings(True)
 
 
