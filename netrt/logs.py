@@ -20,6 +20,18 @@ LOGGER_NAME = "netrt"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _Formatter(logging.Formatter):
+    """NETRT's line format; a line logged inside a flow or task run also names that run (as Prefect does)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        if run and run != "<unknown>":
+            head, sep, rest = text.partition(": ")
+            return f"{head} [{run}]{sep}{rest}"
+        return text
+
+
 def utc_now_iso() -> str:
     """The current time as UTC ISO 8601 with milliseconds and a Z suffix."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -35,7 +47,7 @@ def setup_logging(log_file: Path, level: int = logging.INFO, console: bool = Tru
         handler = logging.handlers.RotatingFileHandler(
             log_file, maxBytes=20 * 1024 * 1024, backupCount=10, encoding="utf-8"
         )
-        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler.setFormatter(_Formatter(_FORMAT))
         logger.addHandler(handler)
     if console and not any(type(h) is logging.StreamHandler for h in logger.handlers):
         stream = logging.StreamHandler()
