@@ -133,6 +133,18 @@ def test_a_shifted_second_series_does_not_fit_so_the_planning_ct_is_matched(tmp_
     assert any(w.startswith("references matched by position") for w in study.warnings)
 
 
+def test_a_series_that_cannot_be_stacked_is_no_candidate(tmp_path: Path) -> None:
+    """A registered scan NETRT cannot read as a stack (here: labelled Enhanced CT) does not block the match."""
+    manifest = phantom(tmp_path, "enhanced", stale_references="series", registered_series="same_grid")
+    for path in manifest.registered_files:
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+        ds.save_as(path)
+    study = load_study(files(manifest))
+    assert study.images.series_instance_uid == manifest.image_series_uid
+    assert study.reference_source == TAG_POSITION_MATCH
+
+
 def test_stale_instances_of_a_received_series_match_only_that_series(tmp_path: Path) -> None:
     """The RTSTRUCT's SeriesInstanceUID was received (only instance UIDs changed): a second series on
     the same positions is no rival, because the RTSTRUCT names the series."""

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from netrt.errors import DicomInputError, StudyValidationError
+from netrt.errors import DicomInputError, NetrtError, StudyValidationError
 from netrt.geometry import orientation_vectors, slice_positions
 from netrt.rasterize import DEFAULT_PLANE_TOLERANCE, geometric_type_skip_reason
 from netrt.study._common import (
@@ -110,31 +110,38 @@ def _contours(rs: _StructureSet) -> list[_Contour]:
     """Every fillable contour with at least three finite points (what the mask step can place).
 
     Raises:
-        DicomInputError: the RTSTRUCT cannot be read again or a ContourData is not numeric.
+        DicomInputError: the RTSTRUCT cannot be read again, a nested item cannot be parsed, or a
+            ContourData is not numeric (naming the ROI and contour).
     """
     ds: Dataset = _read_dataset(rs.path, defer_large_values=False)
-    names = {}
-    for item in _items(ds, "StructureSetROISequence"):
-        names[_text(item, "ROINumber")] = _text(item, "ROIName") or f"ROI {_text(item, 'ROINumber')}"
     found: list[_Contour] = []
-    for roi_item in _items(ds, "ROIContourSequence"):
-        number = _text(roi_item, "ReferencedROINumber")
-        name = names.get(number, f"ROI {number}")
-        for index, contour in enumerate(_items(roi_item, "ContourSequence")):
-            kind = _text(contour, "ContourGeometricType") or "CLOSED_PLANAR"
-            if geometric_type_skip_reason(kind) is not None:
-                continue
-            try:
-                values = np.asarray([float(v) for v in (contour.get("ContourData") or [])], dtype=np.float64)
-            except (TypeError, ValueError) as exc:
-                raise DicomInputError(
-                    f"ROI {name!r} contour {index}: ContourData is not numeric ({exc})",
-                    path=rs.path,
-                    tag=_tag("ContourData"),
-                ) from exc
-            if values.size < 9 or values.size % 3 or not np.all(np.isfinite(values)):
-                continue
-            found.append(_Contour(name, index, values.reshape(-1, 3)))
+    try:
+        names = {}
+        for item in _items(ds, "StructureSetROISequence"):
+            names[_text(item, "ROINumber")] = _text(item, "ROIName") or f"ROI {_text(item, 'ROINumber')}"
+        for roi_item in _items(ds, "ROIContourSequence"):
+            number = _text(roi_item, "ReferencedROINumber")
+            name = names.get(number, f"ROI {number}")
+            for index, contour in enumerate(_items(roi_item, "ContourSequence")):
+                kind = _text(contour, "ContourGeometricType") or "CLOSED_PLANAR"
+                if geometric_type_skip_reason(kind) is not None:
+                    continue
+                data = contour.get("ContourData")
+                try:
+                    values = np.atleast_1d(np.asarray([] if data in (None, "") else data, dtype=np.float64))
+                except (TypeError, ValueError) as exc:
+                    raise DicomInputError(
+                        f"ROI {name!r} contour {index}: ContourData is not numeric ({exc})",
+                        path=rs.path,
+                        tag=_tag("ContourData"),
+                    ) from exc
+                if values.size < 9 or values.size % 3 or not np.all(np.isfinite(values)):
+                    continue
+                found.append(_Contour(name, index, values.reshape(-1, 3)))
+    except NetrtError:
+        raise
+    except Exception as exc:  # a malformed nested item surfaces only when the sequence is parsed
+        raise DicomInputError(f"RTSTRUCT cannot be parsed: {type(exc).__name__}: {exc}", path=rs.path) from exc
     return found
 
 
@@ -232,9 +239,12 @@ def match_by_position(
         )
     fits = []
     for uid in in_frame:
-        members, _ = _image_members(series[uid])
-        if members:
-            fits.append(_fit(uid, members, contours))
+        try:
+            members, _ = _image_members(series[uid])
+            if members:
+                fits.append(_fit(uid, members, contours))
+        except NetrtError as exc:  # a series that cannot be stacked (e.g. multi-frame) cannot fit
+            fits.append(_Fit(uid, 0.0, 0.0, [f"its slices cannot be compared: {exc}"], 0.0))
     matching = [fit for fit in fits if not fit.misses]
     if not matching:
         reasons = "; ".join(
