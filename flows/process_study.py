@@ -63,11 +63,13 @@ from netrt.pipeline import (
     anonymize_step,
     compute_mask,
     content_key,
+    files_fingerprint,
     pass_through_step,
     preview_step,
     result_files_intact,
     settings_key,
     study_fingerprint,
+    travelling_files,
     write_output,
 )
 from netrt.quarantine import begin_retry, entry_id_for, is_entry_id, quarantine_study, read_entry, release
@@ -171,11 +173,16 @@ def pass_through(
 
 @task(name="anonymize", cache_key_fn=_cache_key, persist_result=True)
 def anonymize(
-    study: LoadedStudy, anonymization: AnonymizationConfig, data_dir: str, out_dir: str, cache_key: str | None
+    study: LoadedStudy,
+    anonymization: AnonymizationConfig,
+    data_dir: str,
+    out_dir: str,
+    cache_key: str | None,
+    forward: bool = False,
 ) -> AnonymizeStepResult:
     with _scrubbed_errors():
         secret = load_or_create_secret(anonymization, Path(data_dir)) if anonymization.enabled else b""
-        return anonymize_step(study, anonymization, secret, Path(out_dir))
+        return anonymize_step(study, anonymization, secret, Path(out_dir), forward)
 
 
 @task(name="extract-masks", cache_key_fn=_cache_key, persist_result=True)
@@ -490,6 +497,10 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
         anonymization.model_dump(mode="json"),
         hashlib.sha256(run.secret).hexdigest(),
     )
+    # With `source` routing, the files that travel with the study are anonymized with it, and
+    # their content enters that step's key (they are not part of the study's fingerprint).
+    forward = any(d.outputs is not None and "source" in d.outputs for d in config.effective_destinations())
+    step_key = content_key(anon_key, files_fingerprint(travelling_files(original))) if forward else anon_key
     with run.timed("anonymize") as timing:
         anonymized = run.cached_call(
             anonymize,
@@ -499,7 +510,8 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
             anonymization=anonymization,
             data_dir=str(layout.root),
             out_dir=str(work / f"anonymized-{anon_key[:12]}"),
-            cache_key=anon_key if anonymization.enabled else None,
+            cache_key=step_key if anonymization.enabled else None,
+            forward=forward,
         )
     study = anonymized.study if anonymization.enabled else original
     # What was received (files set aside or unreadable), not what the anonymized copies show.
@@ -579,7 +591,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
     made: dict[str, list[Path]] = {}
     for series in written:
         made.setdefault(series.kind, []).extend(series.files)
-    made["source"] = [*study.images.files, study.rtstruct_file]
+    made["source"] = [*study.images.files, study.rtstruct_file, *anonymized.forwarded]
     with run.timed("deliver"):
         _deliver_all(run, route_files(config.effective_destinations(), made), transactions)
     return {

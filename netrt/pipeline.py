@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
+from pydicom import dcmread
 
 from netrt import __version__
 from netrt.anonymize import anonymize_study
@@ -232,6 +233,15 @@ def study_fingerprint(study: LoadedStudy) -> str:
     return digest.hexdigest()
 
 
+def files_fingerprint(files: list[Path]) -> str:
+    """SHA-256 over the bytes of ``files`` in order (the files forwarded with a study)."""
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
 def content_key(*parts: object) -> str:
     """A hex key for a cache entry or work folder: SHA-256 of the parts as canonical JSON."""
     payload = json.dumps(parts, sort_keys=True, default=str)
@@ -250,23 +260,68 @@ class AnonymizeStepResult:
     actions: tuple[str, ...]
     # As for MaskStepResult.mask_stamp: the default is for results persisted before stamps, never intact.
     stamps: tuple[FileStamp, ...] = ()
+    # Files forwarded with the study by ``source`` routing (other series in its frame, RT Plan/Dose).
+    forwarded: tuple[Path, ...] = ()
+    forwarded_stamps: tuple[FileStamp, ...] = ()
+
+
+#: SOP classes that travel with a study when it is forwarded (``source`` routing) besides its
+#: image series and RTSTRUCT: the plans and doses computed on those images.
+FORWARDED_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose
+        "1.2.840.10008.5.1.4.1.1.481.5",  # RT Plan
+        "1.2.840.10008.5.1.4.1.1.481.8",  # RT Ion Plan
+    }
+)
+
+
+def travelling_files(study: LoadedStudy) -> list[Path]:
+    """What is forwarded with the study besides its images and RTSTRUCT: the other image series in
+    its frame of reference (a registered MR, a CBCT) and its RT Plans and Doses."""
+    extra = list(study.registered_files)
+    for path in study.other_files:
+        if path in extra:
+            continue
+        try:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        except Exception:  # an unreadable other file: it never travels
+            continue
+        if str(header.get("SOPClassUID", "")) in FORWARDED_SOP_CLASSES:
+            extra.append(path)
+    return extra
 
 
 def anonymize_step(
-    study: LoadedStudy, anonymization: AnonymizationConfig, secret: bytes, out_dir: Path
+    study: LoadedStudy, anonymization: AnonymizationConfig, secret: bytes, out_dir: Path, forward: bool = False
 ) -> AnonymizeStepResult:
     """Anonymize the files that feed the outputs into ``out_dir`` and validate the copies again.
 
     With anonymization off, the study is returned as it is. Otherwise the anonymized copies are
     loaded like any received study: their references must still resolve (same images, same
-    frame of reference), which is the proof that the UID mapping kept the study whole.
+    frame of reference), which is the proof that the UID mapping kept the study whole. With
+    ``forward`` (a destination takes ``source``), the files that travel with the study
+    (:func:`travelling_files`) are anonymized with it, under the same UID mapping, and listed in
+    ``forwarded``.
     """
-    files = [*study.images.files, study.rtstruct_file]
+    extra = travelling_files(study) if forward else []
+    files = [*study.images.files, study.rtstruct_file, *extra]
     anonymized = anonymize_study(files, out_dir, anonymization, secret)
     if not anonymization.enabled:
-        return AnonymizeStepResult(study, None, anonymized.actions, stamp_files(_study_files(study)))
+        return AnonymizeStepResult(
+            study, None, anonymized.actions, stamp_files(_study_files(study)), tuple(extra), stamp_files(extra)
+        )
     copies = load_study(list(anonymized.files))
-    return AnonymizeStepResult(copies, anonymized.pseudonym, anonymized.actions, stamp_files(_study_files(copies)))
+    own = set(_study_files(copies))
+    forwarded = [path for path in anonymized.files if path not in own]
+    return AnonymizeStepResult(
+        copies,
+        anonymized.pseudonym,
+        anonymized.actions,
+        stamp_files(_study_files(copies)),
+        tuple(forwarded),
+        stamp_files(forwarded),
+    )
 
 
 def _study_files(study: LoadedStudy) -> list[Path]:
@@ -284,7 +339,9 @@ def result_files_intact(result: object) -> bool:
     """
     try:
         if isinstance(result, AnonymizeStepResult):
-            return files_unchanged(_study_files(result.study), result.stamps)
+            return files_unchanged(_study_files(result.study), result.stamps) and files_unchanged(
+                list(result.forwarded), result.forwarded_stamps
+            )
         if isinstance(result, MaskStepResult):
             return result.roi_masks is not None and files_unchanged(
                 [result.mask_path, result.roi_masks], (result.mask_stamp, result.roi_masks_stamp)

@@ -65,12 +65,16 @@ def _scenario(params: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("kinds")
-    spec = PhantomSpec(rows=80, columns=80, pixel_spacing=(2.5, 2.5), slice_spacing=3.0, slices=36)
-    write_phantom(spec, root / "phantom")
+    # A registered second CT in the same frame of reference travels with the study (source routing).
+    spec = PhantomSpec(
+        rows=80, columns=80, pixel_spacing=(2.5, 2.5), slice_spacing=3.0, slices=36, registered_series="shifted"
+    )
+    manifest = write_phantom(spec, root / "phantom")
     params = {"root": str(root), "study": str(root / "phantom" / "dicom")}
     result: dict[str, Any] = run_in_namespace(_scenario, params, root, timeout=900)
     assert result["code"] == 0, result["stdout"] + result["stderr"]
     result["root"] = root
+    result["registered"] = len(manifest.registered_files)
     return result
 
 
@@ -101,8 +105,11 @@ def test_each_destination_gets_exactly_the_kinds_it_lists(run: dict[str, Any]) -
     assert classes[SC_CLASS] == color, "Orthanc holds exactly the colour series"
     assert len(classes[RTSTRUCT_CLASS]) == 1 and SEG_CLASS not in classes
     source = set(stored) - color
-    assert len(source) == 36 + 1, "the 36 CT slices and the RTSTRUCT were forwarded"
-    assert f"pacs {len(color) + 37} (all stored in this run)" in run["stdout"], run["stdout"]
+    registered = run["registered"]
+    assert registered > 0
+    assert len(source) == 36 + 1 + registered, "the CT slices, the RTSTRUCT and the registered series were forwarded"
+    assert len({stored[uid].SeriesInstanceUID for uid in source if str(stored[uid].Modality) == "CT"}) == 2
+    assert f"pacs {len(color) + 37 + registered} (all stored in this run)" in run["stdout"], run["stdout"]
     assert f"derived {len(overlay) + 1} (all stored in this run)" in run["stdout"], run["stdout"]
 
 
@@ -117,7 +124,7 @@ def test_forwarded_source_is_the_anonymized_study_and_loads_as_one(run: dict[str
             assert ds.SOPInstanceUID not in received, "full mode maps every UID"
             assert ds.PatientName != "PHANTOM^NETRT" and ds.PatientID != "NETRT-PHANTOM-001"
     study = load_study(forwarded)  # NETRT's own loader: references resolve, one stack, one RTSTRUCT
-    assert len(study.images.files) == 36
+    assert len(study.images.files) == 36 and len(study.registered_files) == run["registered"]
 
 
 def _render(tool: str, path: Path, out: Path, overlay: int | None) -> np.ndarray:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 
@@ -76,8 +77,11 @@ def _products(data: Path) -> dict[str, object]:
     for path in sorted(work.rglob("*")):
         if path.suffix in (".dcm", ".png"):
             made[str(path.relative_to(work))] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif path.suffix == ".npz":
+        elif path.suffix == ".npz" and path.name.startswith("mask-"):
             made[str(path.relative_to(work))] = hashlib.sha256(load_mask(path).tobytes()).hexdigest()
+        elif path.suffix == ".npz":  # the per-ROI masks: each array's bytes
+            with np.load(path) as arrays:
+                made[str(path.relative_to(work))] = {k: hashlib.sha256(arrays[k].tobytes()).hexdigest() for k in arrays}
     return made
 
 
