@@ -25,7 +25,7 @@ import pytest
 from flows.local_server import is_healthy
 from netrt.phantom import PhantomManifest, PhantomSpec, write_phantom
 
-from .conftest import free_port
+from .conftest import free_port, require_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -137,6 +137,7 @@ def test_terminal_shows_one_line_per_study_and_prefect_lines_only_with_verbose(s
     assert len([line for line in quiet.stdout.splitlines() if f"{uid}: ok: " in line]) == 1
     assert "Finished in state" not in quiet.stdout + quiet.stderr  # Prefect's per-task lines
     assert quiet.stderr == "", quiet.stderr
+    assert "\x1b[" not in quiet.stdout and "\u2501" not in quiet.stdout  # no progress bar when captured
     assert "ok: 1 of 1 studies" in quiet.stdout
     preview = re.search(r"^preview: (\S+)$", quiet.stdout, re.MULTILINE)
     assert preview and Path(preview.group(1)).is_file()
@@ -146,6 +147,21 @@ def test_terminal_shows_one_line_per_study_and_prefect_lines_only_with_verbose(s
     verbose = netrt("process", str(site.dicom), "--config", str(site.config), "--verbose")
     assert verbose.returncode == 0, verbose.stdout + verbose.stderr
     assert "Finished in state Completed()" in verbose.stdout + verbose.stderr
+
+
+def test_a_terminal_gets_progress_bars_over_studies_and_stages(site: Site, tmp_path: Path) -> None:
+    """Under a pseudo-terminal (`script`), rich draws the studies bar and the stage bar with stage names."""
+    script = require_tool("script")
+    typescript = tmp_path / "typescript"
+    command = " ".join([sys.executable, "-m", "netrt", "process", str(site.dicom), "--config", str(site.config)])
+    done = subprocess.run(
+        [script, "-qec", command, str(typescript)], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    screen = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", typescript.read_text(errors="replace")).replace("\r", "\n")
+    assert re.search(r"studies\s.*1/1", screen), screen[-2000:]
+    assert re.search(r"^\s+validate\s.*\d+/\d+", screen, re.MULTILINE), screen[-2000:]
+    assert f"{site.phantom.study_instance_uid}: ok: " in screen
 
 
 def test_failing_study_is_one_failed_line_naming_the_file_and_its_traceback_is_in_the_log(
