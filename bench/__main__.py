@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import accuracy, deliver, endtoend, oneoff, orchestration, process, receive, scaling
+from bench import accuracy, deliver, endtoend, oneoff, orchestration, outputs, process, receive, scaling
 from bench.report import DEFAULT_OUT, Options, write_section, write_summary
 
 # Figure name -> function measuring it and returning its Markdown section (issue 9's order).
@@ -27,6 +27,7 @@ FIGURES: dict[str, Callable[[Options], str]] = {
     scaling.FIGURE: scaling.run,
     accuracy.FIGURE: accuracy.run,
     oneoff.FIGURE: oneoff.run,
+    outputs.FIGURE: outputs.run,
 }
 
 

@@ -234,7 +234,7 @@ def run_netrt(input_dir: Path, work: Path, stages: _Stages) -> dict[str, Any]:
         written[plane] = stages.run(plane, functools.partial(write_plane, study, masks, plane, processing, work_dir))
     files = [path for series_list in written.values() for series in series_list for path in series.files]
     outcome = stages.run("deliver", lambda: deliver_to_folder("bench", delivered, files))
-    if not outcome.ok or _count_files(delivered) != len(files):
+    if outcome.stored != len(files) or _count_files(delivered) != len(files):
         raise RuntimeError(f"delivery incomplete: {outcome.detail}; {_count_files(delivered)} files on disk")
 
     outputs: dict[str, dict[str, int]] = {}

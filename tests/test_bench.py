@@ -31,7 +31,7 @@ from .conftest import IN_CI, REPO, require_tool
 TIMEOUT_S = 1800  # the whole smoke benchmark takes minutes, more on a loaded machine
 pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.timeout(TIMEOUT_S)]
 
-ALL = ("receive", "deliver", "process", "endtoend", "orchestration", "scaling", "accuracy", "oneoff")
+ALL = ("receive", "deliver", "process", "endtoend", "orchestration", "scaling", "accuracy", "oneoff", "outputs")
 KEPT = "<!-- bench:scale:start -->\n## Scale (another helper's section)\n\nkept as it is\n<!-- bench:scale:end -->"
 
 
@@ -137,6 +137,7 @@ def test_one_command_writes_every_section_and_the_summary_keeping_the_rest(smoke
         "scaling": ["6. Scaling: time per slice", "6. Scaling: peak RSS, 40 slices"],
         "accuracy": ["7. Mask accuracy"],
         "oneoff": ["8. One-off `netrt process` overhead"],
+        "outputs": ["9. Output kinds: overlay+SEG+colour vs overlay only"],
     }
     names = [_cells(line)[0] for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert names == [name for figure in smoke.figures for name in expected[figure]]
@@ -293,3 +294,16 @@ def test_oneoff_section(smoke: Run) -> None:
     assert value("first command of a data dir") > 0
     assert re.search(r"Target: overhead <= 5 s: (met|\*\*missed by \d+\.\d+ s\*\*) \(", section), section
     assert re.search(r"load average \(1, 5, 15 min\) at the start: \d+\.\d+.*; at the end: \d+\.\d+", section)
+
+
+def test_outputs_section(smoke: Run) -> None:
+    section = smoke.section("outputs")
+    rows = _rows(section)
+    overlay = float(rows["`outputs: [overlay]`"][1])
+    everything = float(rows["`outputs: [overlay, seg, color]`"][1])
+    assert overlay > 0 and everything > overlay, "SEG and colour add work"
+    ratio = float(re.search(r"\*\*Ratio all / overlay-only: (\d+\.\d+)x\*\*", section).group(1))  # type: ignore[union-attr]
+    assert abs(ratio - everything / overlay) < 0.02
+    assert re.search(r"target <= 1.6x: (met|\*\*missed\*\*)", section)
+    assert re.search(r"all outputs \d+ MiB = \*\*\d+\.\d+x\*\* the decoded pixels", section)
+    assert "write seg" in section and "write color-sagittal" in section
