@@ -954,6 +954,9 @@ def test_flow_warnings_and_pass_through_carry_no_patient_data(prefect_harness: N
             "name": "out",
             "ok": True,
             "instances": len(manifest.image_files),
+            "stored": len(manifest.image_files),
+            "earlier": 0,
+            "committed": None,
             "detail": summary["destinations"][0]["detail"],
         }
     ]

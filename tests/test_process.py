@@ -212,7 +212,10 @@ def test_netrt_process_command_prints_one_line_per_study_and_delivers(tmp_path: 
     lines = [line for line in result.stdout.splitlines() if ": ok: " in line]
     assert sorted(line.split(":")[0] for line in lines) == sorted([first.study_instance_uid, second.study_instance_uid])
     slices = len(first.image_files)
-    assert all(f"series axial {slices}, axial burn-in {slices}, sagittal " in line for line in lines)
+    assert all(
+        f"series axial {slices}, sagittal " in line and f", burn-in-axial {slices}, burn-in-sagittal " in line
+        for line in lines
+    )
     output = tmp_path / "data" / "output"
     for manifest in (first, second):
         series = sorted((output / manifest.study_instance_uid).iterdir())
