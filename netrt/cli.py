@@ -241,7 +241,10 @@ def _one_off_runs(
     route_library_logs(layout.app_log, verbose=verbose)
     if record is not None:
         wait_until_ready(record)
-    stages = 4 + len(config.processing.planes) + len(config.effective_destinations())
+    # validate, anonymize, extract-masks, preview, one write per plane (and kind), one deliver per destination
+    outputs = config.processing.outputs
+    per_plane = max(1, len([kind for kind in outputs if kind != "seg"]))
+    stages = 4 + len(config.processing.planes) * per_plane + ("seg" in outputs) + len(config.effective_destinations())
     progress = StudyProgress(studies, stages, enabled=progress_wanted(verbose=verbose))
     handler = _StageLines(progress)
     task_runs = logging.getLogger("prefect.task_runs")

@@ -64,7 +64,10 @@ class StudyProgress:
 
     def stage_done(self, stage: str) -> None:
         if self._progress is not None:
-            self._progress.update(self._stages_bar, advance=1, description=f"  {stage}"[:28])
+            task = self._progress.tasks[self._stages_bar]
+            # The expected count is an estimate from the config; never show more done than in total.
+            total = max(task.total or 0, task.completed + 1)
+            self._progress.update(self._stages_bar, advance=1, total=total, description=f"  {stage}"[:28])
 
     def study_done(self) -> None:
         if self._progress is not None:
