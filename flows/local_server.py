@@ -51,6 +51,17 @@ def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def serving_home(api_url: str, timeout: float = 2.0) -> Path | None:
+    """The PREFECT_HOME of the Prefect server answering at ``api_url`` (its admin settings), or None
+    when it does not say. Tells a data dir's own server from another node's on the same port."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/admin/settings", timeout=timeout) as response:
+            home = json.loads(response.read()).get("home")
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError, AttributeError):
+        return None
+    return Path(home) if isinstance(home, str) and home else None
+
+
 def start_local_server(
     env: dict[str, str], api_url: str, log_file: Path, ready_timeout: float = 180.0
 ) -> subprocess.Popen[bytes]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -38,7 +37,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import State
 
-from netrt.anonymize import load_or_create_secret, map_uid, public_study_uid, scrub_text, study_identifier_sets
+from netrt.anonymize import load_or_create_secret
 from netrt.commitment import ReportRoute
 from netrt.config import (
     AnonymizationConfig,
@@ -49,9 +48,7 @@ from netrt.config import (
     load_config,
 )
 from netrt.deliver import DeliveryOutcome, deliver_to_folder
-from netrt.episodes import begin_delivery, files_digest
-from netrt.errors import DeliveryError, NetrtError, StudyFailedError
-from netrt.fileio import move_folder, move_folder_whole
+from netrt.errors import DeliveryError, NetrtError, ScrubbedError
 from netrt.layout import DataLayout
 from netrt.logs import TransactionLog
 from netrt.outputs.routing import output_calls, output_label, route_files, shaping_settings
@@ -72,15 +69,15 @@ from netrt.pipeline import (
     travelling_files,
     write_output,
 )
-from netrt.quarantine import begin_retry, entry_id_for, is_entry_id, quarantine_study, read_entry, release
+from netrt.quarantine import entry_id_for
 from netrt.report import StageTiming, StudyReport, render_markdown
+from netrt.runbook import DeliveryBook, StudyRun, locate_study, retried_run, study_files_of
 from netrt.stamps import FileStamp, stamp_file
 from netrt.study import (
     ImagesOnlyStudy,
     LoadedStudy,
     NoStructureSetError,
     find_images_only,
-    find_study,
     load_found_study,
 )
 from netrt.uids import is_valid_uid
@@ -110,14 +107,6 @@ def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | Non
 # Set by the flow for its run: scrubs a text of the study's patient data (identity when anonymization
 # is off). Tasks run in copies of the flow's context, so each task of this run sees it.
 _SCRUBBER: ContextVar[Callable[[str], str] | None] = ContextVar("netrt_scrubber", default=None)
-
-
-class ScrubbedError(NetrtError):
-    """An error that is not NETRT's own, its text scrubbed; ``retryable`` as for the original."""
-
-    def __init__(self, message: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable
 
 
 @contextmanager
@@ -259,30 +248,19 @@ def _backoff(first: float, retries: int) -> list[float]:
     return [first * 2**attempt for attempt in range(retries)]
 
 
-class _Run:
-    """Bookkeeping of one flow run: the current stage, timings, cache hits, and message scrubbing."""
+class _Run(StudyRun):
+    """:class:`netrt.runbook.StudyRun` plus what is Prefect's: cached task calls and their retries."""
 
-    def __init__(self, config: NetrtConfig, layout: DataLayout, secret: bytes, report: StudyReport) -> None:
-        self.config = config
-        self.layout = layout
-        self.secret = secret
-        self.report = report
-        self.stage = "validate"
-        # Flow-run ids whose failed delivery this run continues (netrt.episodes): its own (a UI
-        # retry of it) and, on a quarantine retry, the quarantined run's.
-        self.continuing_runs: set[str | None] = {report.flow_run_id}
+    def __init__(
+        self,
+        config: NetrtConfig,
+        layout: DataLayout,
+        secret: bytes,
+        report: StudyReport,
+        transactions: TransactionLog,
+    ) -> None:
+        super().__init__(config, layout, secret, report, transactions)
         self.results = layout.cache / "results"  # a Path: Prefect stores results there without a saved block
-
-    @contextmanager
-    def timed(self, stage: str) -> Iterator[StageTiming]:
-        self.stage = stage
-        timing = StageTiming(stage, 0.0)
-        start = time.perf_counter()
-        try:
-            yield timing
-        finally:
-            timing.seconds = time.perf_counter() - start
-            self.report.stages.append(timing)
 
     def cached_call(self, task_: Task[..., R], timing: StageTiming, present: Callable[[R], bool], **kwargs: Any) -> R:
         """Run a cacheable task; note a cache hit; recompute a hit whose files are not as written (``present``)."""
@@ -325,80 +303,6 @@ class _Run:
         retries = self.config.retries
         return {"anonymize": retries.anonymize, "extract-masks": retries.extract_masks}.get(task_name, retries.write)
 
-    def public(self, study_instance_uid: str) -> str:
-        return public_study_uid(study_instance_uid, self.config.anonymization, self.secret)
-
-    def scrub(self, text: str, files: list[Path]) -> str:
-        """``text`` without patient identifiers (and, in full mode, with original UIDs mapped)."""
-        anonymization = self.config.anonymization
-        if not anonymization.enabled:
-            return text
-        identifiers, uids = study_identifier_sets(files, anonymization)
-        if anonymization.mode == "full":
-            for uid in sorted(uids, key=len, reverse=True):  # longest first: a UID may prefix another
-                text = text.replace(uid, map_uid(uid, self.secret))
-        return scrub_text(text, identifiers)
-
-
-def _quarantine_pointer(anonymization: AnonymizationConfig, entry_id: str) -> str:
-    """Where the failed study is; in full mode without its id, which is the received StudyInstanceUID."""
-    if anonymization.enabled and anonymization.mode == "full":
-        return "quarantined; `netrt quarantine list` shows it by this study UID"
-    return f"quarantined: {entry_id}"
-
-
-def _locate(layout: DataLayout, source: Path) -> Path | None:
-    """Where a received study is now, or None when this run has nothing to do.
-
-    A retry from the Prefect UI re-runs a flow run whose ``studies/<id>`` has since moved to
-    quarantine/ (failed) or processed/ (succeeded): bring it back. A study the listener re-opened
-    (back in incoming/ because more instances arrived) gets a new run when it is sealed again, so
-    this one leaves it alone.
-    """
-    resolved = source.resolve()
-    if resolved.exists() or resolved.parent != layout.studies or not is_entry_id(resolved.name):
-        return source
-    if (layout.incoming / resolved.name).is_dir():
-        return None
-    if (layout.quarantine / resolved.name / "input").is_dir():
-        return begin_retry(layout, resolved.name)
-    if (layout.processed / resolved.name).is_dir():
-        move_folder(layout.processed / resolved.name, resolved)
-        return source
-    raise StudyFailedError(
-        f"study folder {resolved.name} is in none of studies/, processed/ or quarantine/; nothing to process",
-        "validate",
-        quarantine_id=None,
-        retryable=False,
-    )
-
-
-def _retried_run(layout: DataLayout, entry_id: str) -> str | None:
-    """The flow run whose failure put this study in quarantine, when this run is its retry."""
-    try:
-        entry = read_entry(layout, entry_id)
-    except Exception:  # no entry (the usual case), or an unreadable one: not a quarantine retry
-        return None
-    return entry.flow_run_id if entry.status == "retrying" else None
-
-
-def _files_of(source: Path, study_instance_uid: str | None) -> list[Path]:
-    """The failed study's own files (not its neighbours' in a shared folder); every file when unsure."""
-    try:
-        return list(find_study(source, study_instance_uid).files)
-    except Exception:  # the study may be unreadable: that may be why it failed
-        if source.is_dir():
-            return [p for p in sorted(source.rglob("*")) if p.is_file()]
-        return [source] if source.exists() else []
-
-
-def _is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, DeliveryError):
-        return exc.retryable
-    if isinstance(exc, StudyFailedError | ScrubbedError):
-        return exc.retryable
-    return isinstance(exc, OSError)
-
 
 @flow(name="process-study", flow_run_name=_run_name)
 def process_study(
@@ -421,55 +325,27 @@ def process_study(
     if label is None and Path(study_dir).resolve().parent == layout.studies and is_valid_uid(Path(study_dir).name):
         label = Path(study_dir).name  # a received study's folder is named by its StudyInstanceUID
     report = StudyReport(study="unknown", flow_run_id=run_id)
-    run = _Run(config, layout, secret, report)
+    run = _Run(config, layout, secret, report, transactions)
     report.anonymization = f"{anonymization.mode} mode" if anonymization.enabled else "off"
     if label is not None:
         report.study = run.public(label)
-    transactions.record("flow_run_started", study_instance_uid=report.study, flow_run_id=run_id)
-    located = _locate(layout, Path(study_dir))
+    run.record("flow_run_started")
+    located = locate_study(layout, Path(study_dir))
     if located is None:
-        transactions.record("flow_run_skipped", study_instance_uid=report.study, flow_run_id=run_id)
+        run.record("flow_run_skipped")
         get_run_logger().info("the study was re-opened by new instances; its next sealing gets a new run")
         return {"study_instance_uid": report.study, "skipped": "re-opened", "flow_run_id": run_id}
     source = located
-    run.continuing_runs.add(_retried_run(layout, entry_id_for(layout, source, label)))
-    _SCRUBBER.set(lambda text: run.scrub(text, _files_of(source, study_instance_uid)))
+    run.continuing_runs.add(retried_run(layout, entry_id_for(layout, source, label)))
+    _SCRUBBER.set(lambda text: run.scrub(text, study_files_of(source, study_instance_uid)))
     try:
         summary = _process(run, source, study_instance_uid, transactions)
     except Exception as exc:
-        files = _files_of(source, study_instance_uid)
-        message = run.scrub(str(exc) or type(exc).__name__, files)
-        retryable = _is_retryable(exc)
-        entry = quarantine_study(
-            layout,
-            source,
-            files,
-            entry_id=entry_id_for(layout, source, label),
-            stage=run.stage,
-            error=message,
-            retryable=retryable,
-            flow_run_id=run_id,
-            study=report.study,
-            details={"destinations": report.destinations} if report.destinations else None,
-        )
-        report.failed_stage, report.error, report.quarantine_id = run.stage, message, entry.id
-        transactions.record(
-            "quarantined",
-            study_instance_uid=report.study,
-            flow_run_id=run_id,
-            stage=run.stage,
-            reason=message,
-            attempts=entry.attempts,
-            quarantine_id=entry.id if not anonymization.enabled or anonymization.mode != "full" else None,
-        )
+        failure = run.fail(exc, source, study_instance_uid, label)
         _publish(run, None)
-        raise StudyFailedError(
-            f"study {report.study} failed at {run.stage}: {message} ({_quarantine_pointer(anonymization, entry.id)})",
-            run.stage,
-            entry.id,
-            retryable,
-        ) from None
-    _finish(run, source, label, transactions)
+        raise failure from None
+    run.finish(source, label)
+    _publish(run, Path(run.report.preview_path) if run.report.preview_path else None)
     return summary
 
 
@@ -515,7 +391,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
         )
     study = anonymized.study if anonymization.enabled else original
     # What was received (files set aside or unreadable), not what the anonymized copies show.
-    report.warnings += _scrubbed(run, original.warnings, [*original.images.files, original.rtstruct_file])
+    report.warnings += run.scrubbed(original.warnings, [*original.images.files, original.rtstruct_file])
 
     mask_key = content_key("mask", anon_key, settings_key(config.processing))
     keyed_work = work / mask_key[:12]
@@ -608,13 +484,6 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
     }
 
 
-def _scrubbed(run: _Run, warnings: tuple[str, ...], files: list[Path]) -> list[str]:
-    """Warnings about the received files, scrubbed of patient data when anonymization is on."""
-    if not warnings or not run.config.anonymization.enabled:
-        return list(warnings)
-    return [run.scrub(warning, files) for warning in warnings]
-
-
 def _pass_through(
     run: _Run, source: Path, study_instance_uid: str | None, transactions: TransactionLog
 ) -> dict[str, Any]:
@@ -633,7 +502,7 @@ def _pass_through(
             str(layout.root),
             str(work / content_key(images.files, anonymization.model_dump(mode="json"))[:12]),
         )
-    report.warnings += _scrubbed(run, passed.warnings, list(images.files))
+    report.warnings += run.scrubbed(passed.warnings, list(images.files))
     transactions.record(
         "processed",
         study_instance_uid=report.study,
@@ -675,143 +544,35 @@ def _deliver_all(run: _Run, routes: dict[str, list[Path]], transactions: Transac
 
     Within one delivery episode (:mod:`netrt.episodes`) a destination that already holds these
     files is not sent them again, and a failed one resumes from its acknowledgements; a new run
-    opens a new episode and sends everything.
+    opens a new episode and sends everything (the bookkeeping: :class:`netrt.runbook.DeliveryBook`).
     """
-    config, report = run.config, run.report
-    episode = begin_delivery(
-        run.layout.study_dir(run.layout.work, report.study) / "delivery", report.flow_run_id, run.continuing_runs
-    )
-    run_tag = f"{report.flow_run_id}#{flow_run.run_count}"
+    config = run.config
+    destinations = config.effective_destinations()
+    book = DeliveryBook(run, routes)
+    run_tag = f"{run.report.flow_run_id}#{flow_run.run_count}"
+    # Where a storage commitment report on a new association reaches this node (netrt.commitment).
+    route = ReportRoute.from_listener(run.layout.root, config.listener)
     futures = []
-    for destination in config.effective_destinations():
-        files = routes[destination.name]
-        digest = files_digest(files)
-        earlier_delivery = episode.delivered_earlier(destination.name, digest)
-        if earlier_delivery is not None:
-            detail = f"delivered earlier in this delivery (flow run {earlier_delivery.get('run')}); not sent again"
-            report.destinations.append(
-                {
-                    "name": destination.name,
-                    "ok": True,
-                    "instances": len(files),
-                    "stored": 0,
-                    "earlier": len(files),
-                    "detail": detail,
-                }
-            )
-            transactions.record(
-                "delivery_skipped",
-                study_instance_uid=report.study,
-                destination=destination.name,
-                flow_run_id=report.flow_run_id,
-                reason=detail,
-            )
+    for destination in destinations:
+        if book.delivered_earlier(destination):
             continue
         calling = getattr(destination, "calling_ae_title", None) or config.listener.ae_title
         retries = destination.retries
         task_ = deliver.with_options(
             retries=retries, retry_delay_seconds=_backoff(destination.retry_delay_seconds, retries) or 0
         )
-        progress = episode.progress_file(destination.name)
-        # Where a storage commitment report on a new association reaches this node (netrt.commitment).
-        route = ReportRoute.from_listener(run.layout.root, config.listener)
-        future = task_.submit(destination, files, calling, str(progress), run_tag, route)
-        futures.append((destination, files, digest, future))
-    failures: list[str] = []
-    all_retryable = True
-    for destination, files, digest, future in futures:
+        progress = str(book.progress_file(destination))
+        futures.append(
+            (destination, task_.submit(destination, book.files(destination), calling, progress, run_tag, route))
+        )
+    for destination, future in futures:
         try:
             outcome: DeliveryOutcome = future.result()
         except Exception as exc:
-            retryable = _is_retryable(exc)
-            all_retryable = all_retryable and retryable
-            detail = str(exc) if isinstance(exc, DeliveryError) else f"destination {destination.name!r}: {exc}"
-            failures.append(detail)
-            stored = getattr(exc, "stored", None) or 0
-            earlier = getattr(exc, "earlier", None) or 0
-            episode.mark_failed(destination.name, report.flow_run_id, run.scrub(detail, files))
-            report.destinations.append(
-                {
-                    "name": destination.name,
-                    "ok": False,
-                    "instances": len(files),
-                    "stored": stored,
-                    "earlier": earlier,
-                    "detail": detail,
-                }
-            )
-            transactions.record(
-                "delivery_failed",
-                study_instance_uid=report.study,
-                destination=destination.name,
-                flow_run_id=report.flow_run_id,
-                reason=run.scrub(detail, files),
-                counts={"instances": len(files), "stored_this_run": stored, "stored_earlier": earlier},
-            )
-            continue
-        episode.mark_delivered(outcome.destination, digest, report.flow_run_id, outcome.instances)
-        report.destinations.append(
-            {
-                "name": outcome.destination,
-                "ok": True,
-                "instances": outcome.instances,
-                "stored": outcome.stored,
-                "earlier": outcome.earlier,
-                "detail": outcome.detail,
-                "committed": outcome.committed,
-            }
-        )
-        transactions.record(
-            "delivered",
-            study_instance_uid=report.study,
-            destination=outcome.destination,
-            flow_run_id=report.flow_run_id,
-            counts={
-                "instances": outcome.instances,
-                "stored_this_run": outcome.stored,
-                "stored_earlier": outcome.earlier,
-                **({"committed": outcome.committed} if outcome.committed is not None else {}),
-            },
-        )
-    episode.close_if_complete(d.name for d in config.effective_destinations())
-    if failures:
-        raise StudyFailedError(
-            "delivery failed: " + "; ".join(failures), "deliver", quarantine_id=None, retryable=all_retryable
-        )
-
-
-def _finish(run: _Run, source: Path, label: str | None, transactions: TransactionLog) -> None:
-    """After success: move a received study on to processed/, release a quarantine entry, publish.
-
-    An earlier processed/<id> (the same study processed before) is set aside whole, never merged
-    into this run's copy; only a study this run moved from studies/ to processed/ releases its entry.
-    """
-    layout = run.layout
-    resolved = source.resolve()
-    entry_id = entry_id_for(layout, source, label)
-    processed = None
-    if resolved.parent == layout.studies and resolved.is_dir():
-        processed = layout.processed / resolved.name
-        earlier = move_folder_whole(resolved, processed)
-        if earlier is not None:
-            transactions.record(
-                "earlier_processed_copy_kept",
-                study_instance_uid=run.report.study,
-                flow_run_id=run.report.flow_run_id,
-                suffix=earlier.name.removeprefix(resolved.name),  # the folder name itself is the received UID
-            )
-    try:
-        entry = read_entry(layout, entry_id)
-    except Exception:
-        entry = None
-    if entry is not None and processed is not None and release(layout, entry_id, processed=processed):
-        transactions.record(
-            "released_from_quarantine",
-            study_instance_uid=run.report.study,
-            flow_run_id=run.report.flow_run_id,
-            attempts=entry.attempts,
-        )
-    _publish(run, Path(run.report.preview_path) if run.report.preview_path else None)
+            book.failed(destination, exc)
+        else:
+            book.succeeded(destination, outcome)
+    book.close(destinations)
 
 
 def _publish(run: _Run, preview_png: Path | None) -> None:

@@ -190,12 +190,20 @@ def _prepare_flow_runs(config: NetrtConfig) -> ServerRecord | None:
     _apply_prefect_environment(config)
     if config.prefect.api_url is not None:
         return None
-    from flows.local_server import is_healthy, launch_background_server, read_record
+    from flows.local_server import is_healthy, launch_background_server, read_record, serving_home
     from netrt.prefect_env import local_api_url, prefect_environment
 
     layout = DataLayout.from_data_dir(config.paths.data_dir)
     record = read_record(layout.prefect_home)
     if record is None and is_healthy(local_api_url(config), timeout=1.0):
+        # A server of this data dir (`netrt serve`) is used; another data dir's server on the same
+        # port is not: its database, UI and history belong to that node, not this one.
+        home = serving_home(local_api_url(config))
+        if home is not None and home.resolve() != layout.prefect_home.resolve():
+            raise NetrtError(
+                f"port {config.prefect.server_port} answers as the Prefect server of another data dir ({home}); "
+                "set prefect.server_port to a free port, or stop that server (`netrt server stop` with its config)"
+            )
         return None
     record, launched = launch_background_server(
         prefect_environment(config),

@@ -102,3 +102,12 @@ class AnonymizationError(NetrtError):
 
     In full mode the message never carries a patient's name, ID or birth date or an original UID.
     """
+
+
+class ScrubbedError(NetrtError):
+    """An error that is not NETRT's own, its text scrubbed of patient data; ``retryable`` as for the
+    original (an OSError may heal by waiting)."""
+
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable

@@ -72,6 +72,19 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_background_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After each test file, stop the background Prefect servers its `netrt process` runs left
+    under this worker's temp dirs: each holds ~230 MB and the port of its data dir's config."""
+    yield
+    from flows.local_server import read_record, stop_background_server
+
+    for path in tmp_path_factory.getbasetemp().rglob("local-server.json"):
+        record = read_record(path.parent)
+        if record is not None:
+            stop_background_server(record)
+
+
 # Test files that take minutes, started first: `./dev test` hands whole files to two workers in
 # collection order, so a long file collected last would run alone at the end while a core idles.
 LONGEST_FIRST = (

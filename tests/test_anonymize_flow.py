@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 from .test_anonymize import SENTINEL, make_sentinel_study, original_uids
 
 pytestmark = [pytest.mark.slow]
@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.slow]
 
 def _netrt(*args: str, data: Path, extra: str = "") -> subprocess.CompletedProcess[str]:
     config = data.parent / f"{data.name}.yaml"
-    config.write_text(f"paths: {{data_dir: {data}}}\n{extra}")
+    # Each data dir its own local Prefect server port: the port of another data dir's server is refused.
+    config.write_text(f"paths: {{data_dir: {data}}}\nprefect: {{server_port: {free_port()}}}\n{extra}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     return subprocess.run(
         [sys.executable, "-m", "netrt", *args, "--config", str(config)],

@@ -479,7 +479,10 @@ def test_task_failure_logged_by_prefect_carries_no_received_uid_in_full_mode(tmp
     rtstruct.write_bytes(rtstruct.read_bytes()[:-700])
     data = tmp_path / "data"
     config = tmp_path / "netrt.yaml"
-    config.write_text(f"paths: {{data_dir: {data}}}\nanonymization: {{enabled: true, mode: full}}\n")
+    config.write_text(
+        f"paths: {{data_dir: {data}}}\nanonymization: {{enabled: true, mode: full}}\n"
+        f"prefect: {{server_port: {free_port()}}}\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     done = subprocess.run(

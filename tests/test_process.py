@@ -15,7 +15,7 @@ import pytest
 
 from netrt.phantom import PhantomManifest, PhantomSpec, write_phantom
 
-from .conftest import require_tool
+from .conftest import free_port, require_tool
 from .overlay_check import score_series
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,8 @@ GEOMETRIES = {
 
 
 def write_config(tmp: Path, data_dir: Path, **processing: Any) -> Path:
-    lines = [f"paths: {{data_dir: {data_dir}}}"]
+    # Each data dir its own local Prefect server port: the port of another data dir's server is refused.
+    lines = [f"paths: {{data_dir: {data_dir}}}", f"prefect: {{server_port: {free_port()}}}"]
     if processing:
         items = ", ".join(f"{k}: {v}" for k, v in processing.items())
         lines.append(f"processing: {{{items}}}")
