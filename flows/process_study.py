@@ -196,9 +196,9 @@ def write_output_series(
 
 
 @task(name="preview", cache_key_fn=_cache_key, persist_result=True)
-def preview(study: LoadedStudy, masks: MaskStepResult, path: str, cache_key: str) -> FileStamp:
+def preview(study: LoadedStudy, masks: MaskStepResult, path: str, disclaimer: str, cache_key: str) -> FileStamp:
     with _scrubbed_errors():
-        return stamp_file(preview_step(study, masks, Path(path)).path)
+        return stamp_file(preview_step(study, masks, Path(path), disclaimer).path)
 
 
 def _retry_if_waiting_may_heal(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -454,7 +454,8 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
                 study=study,
                 masks=masks,
                 path=str(keyed_work / "preview.png"),
-                cache_key=content_key("preview", mask_key),
+                disclaimer=config.processing.disclaimer,
+                cache_key=content_key("preview", mask_key, config.processing.disclaimer),
             ).path
         )
     transactions.record(

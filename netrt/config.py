@@ -248,7 +248,8 @@ class ProcessingConfig(_Section):
     disclaimer: str = Field(
         default=DEFAULT_DISCLAIMER,
         max_length=200,
-        description="Burned into the `color` series (and its legend panel); empty: none. Never burned into "
+        description="Burned into the `color` series (and its legend panel) and written under the preview's legend; "
+        "empty: none. Never burned into "
         "overlay series or source pixels.",
     )
     color_fill_opacity: float = Field(

@@ -39,10 +39,10 @@ from netrt.masks import (
 )
 from netrt.outputs.base import STUDY, OutputContext, WrittenSeries, output_kind
 from netrt.outputs.rois import RoiBox, RoiInfo, read_roi_infos, save_roi_boxes
-from netrt.preview import Preview, render_preview
+from netrt.preview import Preview, preview_study
 from netrt.settings import PLANE_NUMBER, kind_settings_key, settings_key
 from netrt.stamps import FileStamp, files_unchanged, stamp_file, stamp_files
-from netrt.study import ImageSeries, ImagesOnlyStudy, LoadedStudy, load_study, read_source_image
+from netrt.study import ImageSeries, ImagesOnlyStudy, LoadedStudy, load_study
 
 # SimpleITK's SWIG functions carry no annotations; an Any handle keeps mypy --strict quiet without
 # scattering ignores (the same device as in netrt.geometry and netrt.reformat).
@@ -355,16 +355,15 @@ def result_files_intact(result: object) -> bool:
     return False
 
 
-def preview_step(study: LoadedStudy, masks: MaskStepResult, path: Path) -> Preview:
-    """Render the three-plane PNG preview of the study's mask on its image grid.
+def preview_step(study: LoadedStudy, masks: MaskStepResult, path: Path, disclaimer: str = "") -> Preview:
+    """Render the three-plane PNG preview of the study's kept ROIs on its image grid.
 
-    The image is read as the reformats read it (:func:`read_source_image`: int16 where that is
-    exact), not as a float32 volume: the same values in half the memory, which matters when the
-    preview task runs beside the plane writers on a 1000-slice study.
+    Each kept ROI is outlined in its colour with a legend, and ``disclaimer`` (the configured
+    ``processing.disclaimer``; empty: none) is written under it. Only the three planes through the
+    ROIs' middle are read (:func:`netrt.preview.preview_study`), not the volume: the preview task
+    runs beside the plane writers and should cost them neither time nor memory.
     """
-    image = read_source_image(study.images)
-    volume = _sitk.GetArrayViewFromImage(image)  # a view: ``image`` stays referenced until we return
-    return render_preview(volume, load_mask(masks.mask_path), study.images.geometry.spacing, path)
+    return preview_study(study.images, masks.roi_masks, masks.roi_infos, path, disclaimer)
 
 
 # --- studies without an RTSTRUCT (processing.images_without_rtstruct: pass_through) ----------

@@ -20,9 +20,10 @@ from uuid import UUID
 import numpy as np
 import pytest
 
+from netrt.burnin import outline
 from netrt.layout import DataLayout
 from netrt.logs import TransactionLog
-from netrt.phantom import PhantomSpec, truth_masks, write_phantom
+from netrt.phantom import PhantomSpec, roi_definitions, truth_masks, write_phantom
 from netrt.preview import preview_panels, read_preview
 
 from .conftest import REPO, free_port
@@ -128,19 +129,31 @@ def test_retries_as_configured_artifacts_and_cache_on_rerun(prefect_harness: Non
 
 
 def _assert_preview_matches_truth(png: Path) -> None:
+    """Each kept ROI's outline is drawn in its RTSTRUCT colour where the analytic truth's boundary is
+    (within one panel pixel: the rasterised contour and the analytic solid may differ by a voxel)."""
     masks = truth_masks(SPEC)
     truth = np.zeros_like(next(iter(masks.values())))
     for name in KEPT:
         truth |= masks[name]
-    pixels = read_preview(png).astype(int)
-    red = (pixels[..., 0] > pixels[..., 1] + 60) & (pixels[..., 0] > pixels[..., 2] + 60)
+    colors = {roi.name: roi.color for roi in roi_definitions(SPEC)}
+    pixels = read_preview(png)
     spacing = (SPEC.pixel_spacing[1], SPEC.pixel_spacing[0], SPEC.slice_spacing)
+    drawn = set()
     for panel in preview_panels(truth, spacing):
-        expected = panel.sample(truth)
-        shown = red[panel.y0 : panel.y0 + panel.height, panel.x0 : panel.x0 + panel.width]
-        assert expected.sum() > 100, f"{panel.plane}: the mid-slice should cut the shapes"
-        dice = 2 * (expected & shown).sum() / (expected.sum() + shown.sum())
-        assert dice >= 0.95, f"{panel.plane} preview: Dice {dice:.3f} against the analytic truth"
+        shown = pixels[panel.y0 : panel.y0 + panel.height, panel.x0 : panel.x0 + panel.width]
+        for name in KEPT:
+            expected = outline(panel.sample(masks[name]))
+            if expected.sum() < 10:
+                continue
+            painted = np.pad(np.all(shown == np.asarray(colors[name], dtype=np.uint8), axis=2), 1)
+            near = np.zeros_like(expected)
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    near |= painted[1 + dr : painted.shape[0] - 1 + dr, 1 + dc : painted.shape[1] - 1 + dc]
+            share = (near & expected).sum() / expected.sum()
+            assert share >= 0.9, f"{panel.plane} preview: {name}'s outline in {colors[name]} on {share:.0%}"
+            drawn.add(name)
+    assert drawn == set(KEPT), f"ROIs no panel cuts: {set(KEPT) - drawn}"
 
 
 def _run_cli(*args: str, config: Path, api_url: str) -> subprocess.CompletedProcess[str]:

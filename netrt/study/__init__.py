@@ -65,7 +65,7 @@ from netrt.study._common import (
 from netrt.study.discovery import find_studies, find_study, scan_files
 from netrt.study.loader import find_images_only, load_found_study, load_images_only, load_study
 from netrt.study.model import ImageSeries, ImagesOnlyStudy, LoadedStudy, NoStructureSetError, StudyFiles
-from netrt.study.pixels import read_image_volume, read_source_image
+from netrt.study.pixels import CrossSections, read_cross_sections, read_image_volume, read_source_image
 
 __all__ = [
     "HEADER_DEFER_SIZE",
@@ -84,6 +84,7 @@ __all__ = [
     "TAG_PIXEL_DATA",
     "TAG_REFERENCED_FRAME",
     "TAG_REFERENCED_SERIES",
+    "CrossSections",
     "FloatArray32",
     "FloatArray64",
     "ImageSeries",
@@ -97,6 +98,7 @@ __all__ = [
     "load_found_study",
     "load_images_only",
     "load_study",
+    "read_cross_sections",
     "read_image_volume",
     "read_source_image",
     "scan_files",
