@@ -590,5 +590,5 @@ def _publish(run: _Run, preview_png: Path | None) -> None:
         create_image_artifact(
             image_url=f"data:image/png;base64,{encoded}",
             key=f"{key}-preview",
-            description=f"Axial, coronal and sagittal mid-slices with the mask in red; file: {preview_png}",
+            description=f"Axial, coronal and sagittal mid-slices, each ROI outlined in its colour, with a legend; file: {preview_png}",
         )

@@ -14,47 +14,38 @@ most the last second's acknowledgements, which the next attempt sends again (har
 while an fsync per instance cost ~0.9 ms each, ~1 s per 1124 instances here (BENCHMARKS.md,
 delivery).
 
-Why the socket details matter: without TCP_NODELAY, Nagle's algorithm and the peer's delayed ACK
-hold back the last small segment of every C-STORE message, costing tens of milliseconds per
-instance (measured here: 148 small files to Orthanc in 7.8 s without it, 0.85 s with it). pynetdicom 3 has no public
-hook for socket options, so :class:`_NetrtAE` overrides its socket factories (``_create_socket``
-of the AE and of :class:`~pynetdicom.transport.AssociationSocket`; pynetdicom is pinned to 3.x and
-a test checks the option on a live association) to hand pynetdicom a socket with TCP_NODELAY that
-also records why a connection failed (pynetdicom only logs that), so errors say "connection
-refused", "timed out" or which TLS check failed instead of a bare "aborted".
+The association itself (sockets with TCP_NODELAY, why one did not come up) is
+:mod:`netrt.association`; the progress file is :mod:`netrt.progress`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import socket
-import ssl
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
 from pynetdicom import _config as _pynetdicom_config
+from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.events import Event
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
-from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext, build_context, build_role
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
-from pynetdicom.transport import AddressInformation, AssociationSocket
 
+from netrt.association import (
+    _associate,
+    _ended,
+    _Trace,
+    _where,
+)
 from netrt.commitment import (
     ACTION_REQUEST_COMMIT,
     STORAGE_COMMITMENT_INSTANCE,
@@ -70,26 +61,14 @@ from netrt.commitment import (
 from netrt.config import DicomDestination
 from netrt.deliver import DeliveryOutcome
 from netrt.errors import DeliveryError
-from netrt.fileio import fsync_dir
+from netrt.progress import _progress, _ProgressLog
 
 logger = logging.getLogger(__name__)
 
 # PS3.8 9.3.2.2: context IDs are odd numbers 1-255, so an association carries at most 128 contexts.
 MAX_PRESENTATION_CONTEXTS = 128
-# Sleep of pynetdicom's network thread when idle (see _NetrtAE._create_socket).
-_DUL_LOOP_DELAY_SECONDS = 0.0002
-# The progress file is fsync'd at most this often (and when an attempt ends); see the module docstring.
-PROGRESS_SYNC_SECONDS = 1.0
 # What a file is converted to when the destination does not accept its stored transfer syntax.
 _FALLBACK_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-
-# A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 permanent, 2 transient; source 1 service user, 2 ACSE
-# provider, 3 presentation provider; reasons of the service user.
-_REJECTED_PERMANENT = 1
-_SOURCE_SERVICE_USER = 1
-_SOURCE_PRESENTATION = 3
-_REASON_CALLING_AE = 3
-_REASON_CALLED_AE = 7
 
 
 @dataclass(frozen=True)
@@ -108,429 +87,6 @@ class _Failure:
     instance: _Instance
     reason: str
     retryable: bool
-
-
-@dataclass
-class _Trace:
-    """What happened on the wire, gathered from the socket and pynetdicom's ACSE events."""
-
-    connect_error: OSError | None = None
-    connected: bool = False
-    response: A_ASSOCIATE | A_ABORT | A_P_ABORT | None = None
-    rejection: A_ASSOCIATE | None = None
-    peer_aborted: bool = False
-    closed: bool = False
-    tls_error: ssl.SSLError | None = None
-
-
-def _ended(trace: _Trace) -> str:
-    """Why an established association ended, as far as the wire tells."""
-    if trace.peer_aborted or isinstance(trace.response, A_ABORT):
-        return "the destination aborted the association"
-    if trace.closed:
-        return "the destination closed the connection"
-    return "the association was aborted"
-
-
-# --- sockets: TCP_NODELAY and the reason a connection failed ---------------------------------
-
-
-class _TracedSocket(socket.socket):
-    """A TCP socket that remembers why ``connect`` failed (pynetdicom catches and only logs it)."""
-
-    trace: _Trace | None = None
-
-    def connect(self, address: Any) -> None:
-        try:
-            super().connect(address)
-        except OSError as exc:
-            if self.trace is not None:
-                self.trace.connect_error = exc
-            raise
-        if self.trace is not None:
-            self.trace.connected = True
-
-
-def _traced_ssl_socket_class(trace: _Trace) -> type[ssl.SSLSocket]:
-    """An SSLSocket class for one association's context (``SSLContext.sslsocket_class`` is made
-    for this), so a TLS handshake or connect failure is recorded like a plain one."""
-
-    class _TracedSSLSocket(ssl.SSLSocket):
-        def connect(self, address: Any) -> None:
-            try:
-                super().connect(address)
-            except OSError as exc:
-                trace.connect_error = exc
-                raise
-            trace.connected = True
-
-        def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-            # With TLS 1.3 a server's refusal of the client certificate arrives as an alert after
-            # the handshake, on the first read; keep it so the error names it.
-            try:
-                return super().recv(buflen, flags)
-            except ssl.SSLError as exc:
-                trace.tls_error = exc
-                raise
-
-    return _TracedSSLSocket
-
-
-class _TracedAssociationSocket(AssociationSocket):
-    def __init__(self, assoc: Association, address: AddressInformation, trace: _Trace) -> None:
-        self._trace = trace
-        super().__init__(assoc, address=address)
-
-    def _create_socket(self, address: AddressInformation) -> socket.socket:
-        """A bound, unconnected TCP socket with TCP_NODELAY, in the family of ``address``."""
-        family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
-        sock = _TracedSocket(family, socket.SOCK_STREAM)
-        sock.trace = self._trace
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.assoc.network_timeout is not None:
-            sock.settimeout(self.assoc.network_timeout)
-        sock.bind(address.as_tuple)
-        self._is_connected = False
-        return sock
-
-
-class _NetrtAE(AE):
-    """An AE whose requested associations use :class:`_TracedAssociationSocket`."""
-
-    def __init__(self, ae_title: str, trace: _Trace) -> None:
-        super().__init__(ae_title=ae_title)
-        self.trace = trace
-
-    def _create_socket(
-        self, assoc: Association, address: AddressInformation, tls_args: tuple[ssl.SSLContext, str] | None
-    ) -> AssociationSocket:
-        sock = _TracedAssociationSocket(assoc, address, self.trace)
-        sock.tls_args = tls_args
-        # pynetdicom's network thread sleeps this long whenever it finds nothing to do, also
-        # between the PDUs of one instance and while the response is due; its maintainers name it
-        # the knob trading idle CPU for latency (pynetdicom issue #650). 1 ms by default; at 0.2 ms
-        # delivery to Orthanc took 13% less time (1124 files, bench/deliver.py); an idle open
-        # association then costs 11% of a core instead of 4% (measured), only while it is open.
-        if hasattr(assoc.dul, "_run_loop_delay"):
-            assoc.dul._run_loop_delay = _DUL_LOOP_DELAY_SECONDS
-        return sock
-
-
-# --- association -------------------------------------------------------------------------------
-
-
-def _where(destination: DicomDestination) -> str:
-    return f"{destination.ae_title}@{destination.host}:{destination.port}"
-
-
-def _resolve(destination: DicomDestination) -> tuple[str, int, int]:
-    """The destination's address as pynetdicom needs it: numeric, IPv4 or (address, flow, scope).
-
-    pynetdicom picks the socket family by looking for '.' or ':' in the host string, which a host
-    name like ``pacs`` defeats, so names are resolved here (and DNS failures named clearly).
-    """
-    try:
-        infos = socket.getaddrinfo(destination.host, destination.port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise DeliveryError(
-            destination.name, f"destination unreachable: cannot resolve host {destination.host!r}: {exc}"
-        ) from exc
-    family, _, _, _, sockaddr = infos[0]
-    parts: tuple[Any, ...] = tuple(sockaddr)
-    if family == socket.AF_INET6:
-        return (str(parts[0]), int(parts[2]), int(parts[3]))
-    return (str(parts[0]), 0, 0)
-
-
-def _tls_args(destination: DicomDestination, trace: _Trace) -> tuple[ssl.SSLContext, str] | None:
-    tls = destination.tls
-    if not tls.enabled:
-        return None
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
-        context.check_hostname = tls.check_hostname
-        if tls.certfile is not None and tls.keyfile is not None:
-            context.load_cert_chain(tls.certfile, tls.keyfile)
-    except (OSError, ssl.SSLError) as exc:
-        raise DeliveryError(
-            destination.name, f"TLS set-up failed (tls.ca_file/certfile/keyfile): {exc}", retryable=False
-        ) from exc
-    context.sslsocket_class = _traced_ssl_socket_class(trace)
-    return context, destination.host
-
-
-def _not_established(destination: DicomDestination, trace: _Trace, calling_ae_title: str) -> DeliveryError:
-    """The error for an association that did not come up, worded by cause, fatal or retryable."""
-    where = _where(destination)
-    name = destination.name
-    timeout = destination.connect_timeout_seconds
-    exc = trace.connect_error
-    if exc is not None:
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return DeliveryError(
-                name,
-                f"TLS: the certificate of {where} was not accepted ({exc.verify_message}); "
-                "check tls.ca_file / tls.check_hostname",
-                retryable=False,
-            )
-        if isinstance(exc, ssl.SSLError):
-            return DeliveryError(name, f"TLS handshake with {where} failed: {exc}", retryable=False)
-        if isinstance(exc, TimeoutError):
-            return DeliveryError(name, f"destination unreachable: no connection to {where} within {timeout:g} s")
-        return DeliveryError(
-            name, f"destination unreachable: cannot connect to {where}: {exc.strerror or exc}", retryable=True
-        )
-    if trace.tls_error is not None:
-        return DeliveryError(
-            name,
-            f"TLS: {where} ended the connection ({trace.tls_error.reason or trace.tls_error}); "
-            "does it require a client certificate (tls.certfile/keyfile) it trusts?",
-            retryable=False,
-        )
-    response = trace.response
-    rejection = trace.rejection
-    if rejection is None and isinstance(response, A_ASSOCIATE) and response.result in (1, 2):
-        rejection = response
-    if rejection is not None:
-        source, reason = rejection.result_source, rejection.diagnostic
-        permanent = rejection.result == _REJECTED_PERMANENT and source != _SOURCE_PRESENTATION
-        kind = "permanently" if permanent else "transiently"
-        if source == _SOURCE_SERVICE_USER and reason == _REASON_CALLED_AE:
-            detail = (
-                f"{destination.host}:{destination.port} does not answer to the called AE title "
-                f"{destination.ae_title!r} (association rejected {kind}: called AE title not recognised); "
-                "check the destination's ae_title"
-            )
-        elif source == _SOURCE_SERVICE_USER and reason == _REASON_CALLING_AE:
-            detail = (
-                f"{where} does not accept NETRT's calling AE title {calling_ae_title!r} (association rejected "
-                f"{kind}: calling AE title not recognised); register it at the destination or set calling_ae_title"
-            )
-        else:
-            detail = f"association rejected {kind} by {where}: {rejection.reason_str} ({rejection.source_str})"
-        return DeliveryError(name, detail, retryable=not permanent)
-    if isinstance(response, A_ASSOCIATE) and response.result == 0:
-        return DeliveryError(
-            name,
-            f"{where} accepted none of the proposed presentation contexts (SOP class and transfer syntax); "
-            "configure the destination to accept them",
-            retryable=False,
-        )
-    if trace.peer_aborted or isinstance(response, A_ABORT | A_P_ABORT):
-        return DeliveryError(name, f"association aborted by {where} while it was being negotiated")
-    if trace.connected:
-        return DeliveryError(
-            name, f"no answer from {where} to the association request within {destination.acse_timeout_seconds:g} s"
-        )
-    return DeliveryError(name, f"destination unreachable: no association with {where}")
-
-
-def _associate(
-    destination: DicomDestination,
-    calling_ae_title: str,
-    contexts: list[PresentationContext],
-    *,
-    roles: Sequence[SCP_SCU_RoleSelectionNegotiation] = (),
-    handlers: Sequence[tuple[Any, Any]] = (),
-) -> tuple[Association, _Trace]:
-    """An established association, or the DeliveryError saying why not."""
-    trace = _Trace()
-    address = _resolve(destination)
-    ae = _NetrtAE(calling_ae_title, trace)
-    ae.connection_timeout = destination.connect_timeout_seconds
-    ae.acse_timeout = destination.acse_timeout_seconds
-    ae.dimse_timeout = destination.dimse_timeout_seconds
-    ae.network_timeout = destination.network_timeout_seconds
-
-    def on_acse(event: Event) -> None:
-        primitive = event.primitive  # type: ignore[attr-defined]
-        if isinstance(primitive, A_ASSOCIATE | A_ABORT | A_P_ABORT):
-            trace.response = primitive
-
-    def on_pdu(event: Event) -> None:
-        # Recorded as the DUL thread decodes the PDU: under load pynetdicom's requesting thread can
-        # find the connection already closed after an A-ASSOCIATE-RJ and give up without reading
-        # the rejection, so EVT_ACSE_RECV alone would miss why.
-        pdu = event.pdu  # type: ignore[attr-defined]
-        if isinstance(pdu, A_ASSOCIATE_RJ):
-            trace.rejection = pdu.to_primitive()
-        elif isinstance(pdu, A_ABORT_RQ):
-            trace.peer_aborted = True
-
-    def on_close(event: Event) -> None:
-        trace.closed = True
-
-    addr: str | tuple[str, int, int] = address if ":" in address[0] else address[0]
-    assoc = ae.associate(
-        addr,
-        destination.port,
-        contexts=contexts,
-        ae_title=destination.ae_title,
-        max_pdu=destination.max_pdu_size,
-        tls_args=_tls_args(destination, trace),
-        ext_neg=list(roles) or None,
-        evt_handlers=[
-            (evt.EVT_ACSE_RECV, on_acse),
-            (evt.EVT_PDU_RECV, on_pdu),
-            (evt.EVT_CONN_CLOSE, on_close),
-            *handlers,
-        ],
-    )
-    if not assoc.is_established:
-        raise _not_established(destination, trace, calling_ae_title)
-    _keep_responses_for_the_sender(assoc)
-    return assoc, trace
-
-
-def _keep_responses_for_the_sender(assoc: Association) -> None:
-    """Hand back to the waiting ``send_*`` call any DIMSE response pynetdicom's reactor takes.
-
-    pynetdicom 3's association reactor pauses for ``send_c_store`` through a flag that is briefly
-    true while the reactor passes a checkpoint that was still open; a sender that looks in that
-    instant goes on, and the reactor can then take the response off the queue the sender waits on,
-    drop it ("Received unexpected C-STORE service message") and leave the sender to the DIMSE
-    timeout. Seen here under load about once in 40 deliveries of 148 instances. As the requestor
-    NETRT serves no requests, so any response the reactor gets is put back where the sender waits.
-    """
-    serve_request = assoc._serve_request
-
-    def serve_or_hand_back(msg: Any, context_id: int) -> None:
-        if msg.is_valid_response:
-            logger.debug("a %s taken by pynetdicom's reactor is handed back to the sender", msg.msg_type)
-            assoc.dimse.msg_queue.put((context_id, msg))
-            return
-        serve_request(msg, context_id)
-
-    setattr(assoc, "_serve_request", serve_or_hand_back)  # noqa: B010  (an instance attribute, on purpose)
-
-
-# --- progress file -----------------------------------------------------------------------------
-
-
-def _acknowledged(progress_file: Path | None) -> dict[tuple[str, str], str]:
-    """(SOPInstanceUID, sha256) pairs the destination has acknowledged in earlier attempts, each
-    with the run tag of the attempt that recorded it ("" for lines written before runs were tagged).
-
-    The content hash is part of the key so that a re-written instance with the same UID but other
-    content (re-processing with changed input) is sent again rather than skipped. A torn last line
-    (a crash mid-append) is ignored: that instance is simply sent again. An instance whose latest
-    line says its storage commitment failed (``"state": "commit_failed"``) is not acknowledged:
-    the next attempt sends it again.
-    """
-    return _progress(progress_file)[0]
-
-
-def _progress(progress_file: Path | None) -> tuple[dict[tuple[str, str], str], set[tuple[str, str]]]:
-    """What the progress file says: the acknowledged instances (as :func:`_acknowledged`) and,
-    among them, those the destination committed to keep (``"state": "committed"``)."""
-    done: dict[tuple[str, str], str] = {}
-    committed: set[tuple[str, str]] = set()
-    if progress_file is None or not progress_file.exists():
-        return done, committed
-    text = progress_file.read_text(encoding="utf-8", errors="replace")
-    for number, line in enumerate(text.splitlines(), start=1):
-        try:
-            entry = json.loads(line)
-            key = (str(entry["sop_instance_uid"]), str(entry["sha256"]))
-            state = entry.get("state", "stored")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            logger.warning("%s:%d: unreadable progress line ignored", progress_file, number)
-            continue
-        if state == "committed":
-            if key in done:
-                committed.add(key)
-        elif state == "commit_failed":
-            done.pop(key, None)
-            committed.discard(key)
-        else:
-            done.setdefault(key, str(entry.get("run", "")))
-    return done, committed
-
-
-class _ProgressLog:
-    """Appends one JSON line per acknowledged instance: flushed at once, fsync'd every
-    ``sync_seconds`` and on close (see the module docstring for why not per line)."""
-
-    def __init__(
-        self, path: Path | None, destination: str, run: str = "", sync_seconds: float = PROGRESS_SYNC_SECONDS
-    ) -> None:
-        self._handle = None
-        self._destination = destination
-        self._run = run
-        self._sync_seconds = sync_seconds
-        self._synced_at = time.monotonic()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            created = not path.exists()
-            torn = False
-            if not created and path.stat().st_size > 0:
-                with path.open("rb") as existing:
-                    existing.seek(-1, os.SEEK_END)
-                    torn = existing.read(1) != b"\n"
-            self._handle = path.open("a", encoding="utf-8")
-            if torn:  # a crash cut the last line short: end it, so the next line stays readable
-                self._handle.write("\n")
-            if created:
-                fsync_dir(path.parent)
-
-    def record(self, instance: _Instance, status: int) -> None:
-        if self._handle is None:
-            return
-        entry = {
-            "sop_instance_uid": instance.sop_instance_uid,
-            "sha256": instance.sha256,
-            "destination": self._destination,
-            "status": f"0x{status:04X}",
-            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "run": self._run,
-        }
-        self._write(entry)
-
-    def record_commitment(
-        self, instance: _Instance, state: str, transaction_uid: str, failure_reason: int | None = None
-    ) -> None:
-        """A ``committed`` or ``commit_failed`` line for an acknowledged instance (Storage Commitment)."""
-        if self._handle is None:
-            return
-        entry: dict[str, Any] = {
-            "sop_instance_uid": instance.sop_instance_uid,
-            "sha256": instance.sha256,
-            "destination": self._destination,
-            "state": state,
-            "transaction_uid": transaction_uid,
-            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "run": self._run,
-        }
-        if failure_reason is not None:
-            entry["failure_reason"] = f"0x{failure_reason:04X}"
-        self._write(entry)
-
-    def _write(self, entry: dict[str, Any]) -> None:
-        assert self._handle is not None
-        self._handle.write(json.dumps(entry) + "\n")
-        self._handle.flush()
-        if time.monotonic() - self._synced_at >= self._sync_seconds:
-            self._sync()
-
-    def sync(self) -> None:
-        """fsync now (before a report the lines stand for is discarded)."""
-        if self._handle is not None:
-            self._handle.flush()
-            self._sync()
-
-    def _sync(self) -> None:
-        if self._handle is not None:
-            os.fsync(self._handle.fileno())
-            self._synced_at = time.monotonic()
-
-    def close(self) -> None:
-        if self._handle is not None:
-            try:
-                self._handle.flush()
-                self._sync()
-            finally:
-                self._handle.close()
-                self._handle = None
 
 
 # --- instances and presentation contexts ---------------------------------------------------------

@@ -143,7 +143,7 @@ def _scenario_deliver(params: dict[str, Any]) -> dict[str, Any]:
         assoc, _ = _associate(destination, "NETRT", [build_context(Verification)])
         raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
         out["tcp_nodelay"] = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if raw is not None else None
-        # pynetdicom's reactor race (see netrt.send._keep_responses_for_the_sender), forced: the
+        # pynetdicom's reactor race (see netrt.association._keep_responses_for_the_sender), forced: the
         # reactor takes a response; it must reach the queue the sender waits on.
         response = C_ECHO()
         response.MessageIDBeingRespondedTo, response.Status = 7, 0x0000
@@ -544,7 +544,8 @@ def test_transfer_syntax_is_kept_or_converted_and_refusals_are_fatal(written: di
 
 
 def test_progress_file_survives_a_torn_last_line(written: dict[str, Any], tmp_path: Path) -> None:
-    from netrt.send import _acknowledged, _ProgressLog, _read_instance
+    from netrt.progress import _acknowledged, _ProgressLog
+    from netrt.send import _read_instance
 
     first, second = (_read_instance(_destination(), Path(f)) for f in written["files"][:2])
     progress = tmp_path / "progress.jsonl"
@@ -570,23 +571,24 @@ def test_progress_lines_reach_the_file_at_once_and_are_synced_on_a_timer(
 ) -> None:
     """A killed sender loses no acknowledgement (each line is flushed to the kernel before the next
     instance is sent); fsync runs once per interval and at close, not per instance."""
+    import netrt.progress as progress_module
     import netrt.send as send
 
     first, second, third = (send._read_instance(_destination(), Path(f)) for f in written["files"][:3])
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(send.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(progress_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
     progress = tmp_path / "progress.jsonl"
-    log = send._ProgressLog(progress, "pacs", sync_seconds=3600)
+    log = progress_module._ProgressLog(progress, "pacs", sync_seconds=3600)
     synced.clear()  # creating the file syncs its folder
     log.record(first, 0)
     log.record(second, 0)
     # Another reader (the next attempt after a crash) sees both lines before any close or fsync.
-    assert set(send._acknowledged(progress)) == {(i.sop_instance_uid, i.sha256) for i in (first, second)}
+    assert set(progress_module._acknowledged(progress)) == {(i.sop_instance_uid, i.sha256) for i in (first, second)}
     assert synced == []
     log.close()
     assert len(synced) == 1
-    eager = send._ProgressLog(tmp_path / "eager.jsonl", "pacs", sync_seconds=0)
+    eager = progress_module._ProgressLog(tmp_path / "eager.jsonl", "pacs", sync_seconds=0)
     synced.clear()
     eager.record(third, 0)
     assert len(synced) == 1  # the interval has passed: this line is synced as it is written
@@ -611,7 +613,7 @@ def test_association_rejections_are_classified_by_cause(
     would receive them."""
     from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-    from netrt.send import _not_established, _Trace
+    from netrt.association import _not_established, _Trace
 
     response = A_ASSOCIATE()
     response.result, response.result_source, response.diagnostic = result, source, reason

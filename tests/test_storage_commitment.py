@@ -416,7 +416,7 @@ def test_report_on_the_requesting_association_is_taken(study: dict[str, Any], tm
     def on_action(event: Any) -> tuple[int, None]:
         # pynetdicom's reactor can take the response meant for a send_* call made outside a
         # handler (netrt.send works around it for NETRT's side; the same here for the peer's).
-        from netrt.send import _keep_responses_for_the_sender
+        from netrt.association import _keep_responses_for_the_sender
 
         _keep_responses_for_the_sender(event.assoc)
         info = event.action_information
