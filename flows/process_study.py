@@ -590,5 +590,8 @@ def _publish(run: _Run, preview_png: Path | None) -> None:
         create_image_artifact(
             image_url=f"data:image/png;base64,{encoded}",
             key=f"{key}-preview",
-            description=f"Axial, coronal and sagittal mid-slices, each ROI outlined in its colour, with a legend; file: {preview_png}",
+            description=(
+                f"Axial, coronal and sagittal mid-slices, each ROI outlined in its colour, with a legend; "
+                f"file: {preview_png}"
+            ),
         )
