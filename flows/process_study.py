@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -31,7 +32,13 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect import Task, flow, get_run_logger, task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
@@ -70,7 +77,7 @@ from netrt.pipeline import (
     write_output,
 )
 from netrt.quarantine import entry_id_for
-from netrt.report import StageTiming, StudyReport, render_markdown
+from netrt.report import StageTiming, StudyReport, render_markdown, roi_rows
 from netrt.runbook import DeliveryBook, StudyRun, locate_study, retried_run, study_files_of
 from netrt.stamps import FileStamp, stamp_file
 from netrt.study import (
@@ -227,18 +234,44 @@ def deliver(
     report_route: ReportRoute | None = None,
 ) -> DeliveryOutcome:
     with _scrubbed_errors():
+        progress = _Progress(f"instances stored at {destination.name}")
         if isinstance(destination, FolderDestination):
-            return deliver_to_folder(destination.name, destination.path, files)
-        from netrt.send import send_to_dicom
+            outcome = deliver_to_folder(destination.name, destination.path, files, progress.update)
+        else:
+            from netrt.send import send_to_dicom
 
-        return send_to_dicom(
-            destination,
-            files,
-            calling_ae_title=calling_ae_title,
-            progress_file=Path(progress_file),
-            run=run_tag,
-            report_route=report_route,
-        )
+            outcome = send_to_dicom(
+                destination,
+                files,
+                calling_ae_title=calling_ae_title,
+                progress_file=Path(progress_file),
+                run=run_tag,
+                report_route=report_route,
+                on_stored=progress.update,
+            )
+        progress.finish(outcome.instances, outcome.instances)
+        return outcome
+
+
+class _Progress:
+    """A progress artifact of a long stage in the Prefect UI, updated at most every half second
+    (each update is an API call) and once at the end with what really happened."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.artifact = create_progress_artifact(0.0, description=f"{what}: starting")
+        self.updated = 0.0
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.updated < 0.5 and done < total:
+            return
+        self.updated = now
+        self.finish(done, total)
+
+    def finish(self, done: int, total: int) -> None:
+        percent = 100.0 * done / total if total else 100.0
+        update_progress_artifact(self.artifact, percent, description=f"{self.what}: {done} of {total}")
 
 
 # --- the flow ---------------------------------------------------------------------------------
@@ -274,6 +307,7 @@ class _Run(StudyRun):
         present: Callable[[R], bool],
         calls: list[dict[str, Any]],
         one_at_a_time: Callable[[dict[str, Any]], bool] = lambda _: False,
+        progress: _Progress | None = None,
     ) -> list[R]:
         """Submit one task run per ``calls`` item at once, then collect them in order.
 
@@ -297,6 +331,10 @@ class _Run(StudyRun):
                 cached = False
             timing.cached = cached if len(results) == 0 else (timing.cached and cached)
             results.append(result)
+            if progress is not None:
+                progress.update(len(results), len(calls))
+        if progress is not None:
+            progress.finish(len(results), len(calls))
         return results
 
     def _retries_for(self, task_name: str) -> int:
@@ -405,7 +443,9 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
             work_dir=str(keyed_work),
             cache_key=mask_key,
         )
-    report.rois = [{"name": r.name, "kept": r.kept, "voxels": r.voxel_count, "reason": r.reason} for r in masks.rois]
+    spacing = study.images.geometry.spacing
+    colors = {info.number: info.color for info in masks.roi_infos}
+    report.rois = roi_rows(masks.rois, colors, float(spacing[0] * spacing[1] * spacing[2]))
     report.warnings += list(masks.warnings)
 
     with run.timed("write") as timing:
@@ -431,6 +471,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
             result_files_intact,
             calls,
             one_at_a_time=lambda call: call["plane"] != "axial",
+            progress=_Progress("series written"),
         )
         written = [series for call_series in per_call for series in call_series]
     report.series = [
@@ -585,6 +626,10 @@ def _publish(run: _Run, preview_png: Path | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.md").write_text(markdown, encoding="utf-8")
     create_markdown_artifact(markdown, key=f"{key}-summary", description=f"NETRT run summary of study {report.study}")
+    if report.rois:
+        create_table_artifact(
+            report.rois, key=f"{key}-rois", description=f"ROIs of study {report.study}: kept, voxels, volume, colour"
+        )
     if preview_png is not None and preview_png.exists():
         encoded = base64.b64encode(preview_png.read_bytes()).decode("ascii")
         create_image_artifact(

@@ -7,7 +7,7 @@ file lands atomically, so a re-delivery of the same study overwrites instead of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +37,15 @@ class DeliveryOutcome:
     committed: int | None = None
 
 
-def deliver_to_folder(name: str, root: Path, files: Sequence[Path]) -> DeliveryOutcome:
-    """Copy every instance into the folder destination's layout; raise DeliveryError if any fails."""
+def deliver_to_folder(
+    name: str, root: Path, files: Sequence[Path], on_stored: Callable[[int, int], None] | None = None
+) -> DeliveryOutcome:
+    """Copy every instance into the folder destination's layout; raise DeliveryError if any fails.
+
+    ``on_stored(copied, total)`` is called after each file (a progress display).
+    """
     folders: set[Path] = set()
-    for path in files:
+    for count, path in enumerate(files, start=1):
         try:
             header = pydicom.dcmread(
                 path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
@@ -56,6 +61,8 @@ def deliver_to_folder(name: str, root: Path, files: Sequence[Path]) -> DeliveryO
         except OSError as exc:
             raise DeliveryError(name, f"cannot write {target}: {exc.strerror or exc}", retryable=True) from exc
         folders.add(target.parent)
+        if on_stored is not None:
+            on_stored(count, len(files))
     for folder in folders:
         fsync_dir(folder)
     return DeliveryOutcome(name, len(files), len(files), 0, f"{len(files)} instances written under {root}")

@@ -8,6 +8,7 @@ is on), never patient data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,33 @@ def _commitment_words(dest: dict[str, Any]) -> str:
     return f"storage commitment: committed {committed} of {instances}"
 
 
+def roi_rows(
+    rois: Sequence[Any], colors: dict[int, tuple[int, int, int]], voxel_mm3: float
+) -> list[dict[str, Any]]:
+    """One row per ROI of the structure set for the summary and the ROI table artifact: name,
+    whether it was kept (and why), its voxels on the image grid, their volume in cm³ and, for kept
+    ROIs, the colour it is drawn in (``#rrggbb``). ``rois`` are :class:`netrt.masks.RoiReport`."""
+    rows = []
+    for roi in rois:
+        color = colors.get(int(roi.number))
+        rows.append(
+            {
+                "name": roi.name,
+                "kept": bool(roi.kept),
+                "voxels": int(roi.voxel_count),
+                "volume_cm3": round(int(roi.voxel_count) * voxel_mm3 / 1000.0, 3),
+                "color": "#{:02x}{:02x}{:02x}".format(*color) if color is not None else "",
+                "reason": roi.reason,
+            }
+        )
+    return rows
+
+
+def _swatch(color: str) -> str:
+    """A colour swatch for markdown (the Prefect UI renders the span; plain viewers show the code)."""
+    return f'<span style="color:{color}">&#9632;</span> `{color}`' if color else ""
+
+
 def render_markdown(report: StudyReport) -> str:
     """The summary as GitHub-flavoured markdown (what Prefect's artifact page renders)."""
     status = "failed" if report.failed_stage else "processed"
@@ -94,10 +122,19 @@ def render_markdown(report: StudyReport) -> str:
             lines += [f"Quarantined as `{report.quarantine_id}`: `netrt quarantine show {report.quarantine_id}`.", ""]
     lines += [f"Anonymization: {report.anonymization}.", ""]
     if report.rois:
-        lines += ["## ROIs", "", "| ROI | kept | voxels | why |", "| --- | --- | ---: | --- |"]
+        lines += [
+            "## ROIs",
+            "",
+            "| ROI | colour | kept | voxels | volume cm³ | why |",
+            "| --- | --- | --- | ---: | ---: | --- |",
+        ]
         for roi in report.rois:
             kept = "yes" if roi["kept"] else "no"
-            lines.append(f"| {_cell(roi['name'])} | {kept} | {roi['voxels']} | {_cell(roi['reason'])} |")
+            volume = f"{roi['volume_cm3']:.2f}" if "volume_cm3" in roi else ""
+            lines.append(
+                f"| {_cell(roi['name'])} | {_swatch(roi.get('color', ''))} | {kept} | {roi['voxels']} | {volume} "
+                f"| {_cell(roi['reason'])} |"
+            )
         lines.append("")
     if report.series:
         lines += [

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,8 +183,12 @@ def send_to_dicom(
     progress_file: Path | None = None,
     run: str = "",
     report_route: ReportRoute | None = None,
+    on_stored: Callable[[int, int], None] | None = None,
 ) -> DeliveryOutcome:
     """One delivery attempt of ``files`` to ``destination`` by C-STORE over one association.
+
+    ``on_stored(acknowledged, total)`` is called after each new acknowledgement, counting those of
+    earlier attempts too (a progress display; it must be quick and must not raise).
 
     Instances recorded in ``progress_file`` as acknowledged (same SOPInstanceUID and content) are
     skipped; each new acknowledgement (success or warning status) is appended there at once (flushed;
@@ -341,6 +345,8 @@ def send_to_dicom(
                 progress.record(instance, status)
                 done[(instance.sop_instance_uid, instance.sha256)] = run
                 sent += 1
+                if on_stored is not None:
+                    on_stored(len(instances) - len(pending) + sent, len(instances))
             else:
                 reason = f"C-STORE status 0x{status:04X} ({category}{': ' + comment if comment else ''})"
                 failures.append(_Failure(instance, reason, _status_retryable(status)))

@@ -321,3 +321,54 @@ def test_full_mode_failure_messages_carry_no_identity_and_map_uids(prefect_harne
         assert mapped in text, "the study must still be named, by its mapped UID"
         for needle in (manifest.study_instance_uid, "SECRETNAME", "PID-778899"):
             assert needle not in text, f"{needle!r} leaked into {text[:300]}"
+
+
+def test_progress_artifacts_reach_100_percent_and_the_roi_table_has_volumes_and_colours(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    """The Prefect UI shows the long stages' progress (series written, instances stored per
+    destination) as progress artifacts that end at 100 % with the true counts, a table artifact of
+    the ROIs (kept, voxels, volume in cm³, colour), and the summary's ROI table with colour swatches."""
+    import json
+
+    import pydicom
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.process_study import process_study
+
+    manifest = write_phantom(SPEC, tmp_path / "phantom")
+    copies = tmp_path / "copies"
+    with store_scp() as pacs:
+        config = _config(
+            tmp_path, tmp_path / "data", pacs.port, extra=f"  - {{name: copy, type: folder, path: {copies}}}\n"
+        )
+        summary = process_study(study_dir=str(tmp_path / "phantom" / "dicom"), config_file=str(config))
+    total = sum(s["instances"] for s in summary["series"])
+    assert len(pacs.stored) == total
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(summary["flow_run_id"])]))
+        )
+    progress = {str(a.description): float(a.data) for a in found if a.type == "progress"}  # type: ignore[arg-type]
+    assert progress == {
+        f"series written: {len(summary['series'])} of {len(summary['series'])}": 100.0,
+        f"instances stored at pacs: {total} of {total}": 100.0,
+        f"instances stored at copy: {total} of {total}": 100.0,
+    }, progress
+
+    (table,) = [a for a in found if a.type == "table"]
+    rows = {row["name"]: row for row in json.loads(str(table.data))}
+    rtstruct = pydicom.dcmread(manifest.rtstruct_file)
+    numbers = {str(r.ROIName): int(r.ROINumber) for r in rtstruct.StructureSetROISequence}
+    colours = {int(c.ReferencedROINumber): [int(v) for v in c.ROIDisplayColor] for c in rtstruct.ROIContourSequence}
+    voxel_mm3 = SPEC.pixel_spacing[0] * SPEC.pixel_spacing[1] * SPEC.slice_spacing
+    for name in KEPT:
+        row = rows[name]
+        assert row["kept"] and row["voxels"] > 0
+        assert abs(row["volume_cm3"] - row["voxels"] * voxel_mm3 / 1000) < 0.001
+        assert row["color"] == "#{:02x}{:02x}{:02x}".format(*colours[numbers[name]])
+    assert not rows["Skull"]["kept"] and rows["Skull"]["color"] == ""
+    markdown = (tmp_path / "data" / "work" / summary["study_instance_uid"] / "summary.md").read_text()
+    assert f'<span style="color:{rows["box"]["color"]}">&#9632;</span>' in markdown
