@@ -3,7 +3,9 @@
 The node is a real ListenerService on 127.0.0.1 (the DICOM listener `netrt serve` runs); the
 destination that is up is that same listener (it answers C-ECHO), the one that is down is a port on
 127.0.0.1 where nothing listens (a stopped Orthanc looks the same to a C-ECHO: connection refused).
-Each case runs the real command in a subprocess and reads its lines and exit status.
+Each case runs the real command in a subprocess and reads its lines and exit status. One case
+runs it against a real Orthanc (in a private network namespace, tests/orthanc.py) while it runs
+and after it is stopped.
 """
 
 from __future__ import annotations
@@ -117,3 +119,40 @@ def test_an_invalid_config_is_the_one_line(tmp_path: Path) -> None:
     code, lines, output = doctor(config)
     assert code == 1
     assert list(lines) == ["config"] and "listener.port" in lines["config"], output
+
+
+def _scenario_orthanc(params: dict[str, object]) -> dict[str, object]:
+    """Inside a private network namespace: doctor against a real Orthanc while it runs, then stopped."""
+    from .orthanc import Orthanc, OrthancSettings
+
+    root = Path(str(params["root"]))
+    config = root / "netrt.yaml"
+    config.write_text(
+        f"paths: {{data_dir: {root / 'data'}}}\n"
+        f"listener: {{host: {LOCALHOST}, port: 11112, ae_title: NETRT}}\n"
+        f"prefect: {{server_port: {free_port()}}}\n"
+        f"destinations:\n{_dicom('orthanc', 4242, 'ORTHANC')}"
+    )
+    orthanc = Orthanc(OrthancSettings(root=root / "orthanc", aet="ORTHANC"), quick_stop=True)
+    orthanc.start()
+    try:
+        running = doctor(config)
+    finally:
+        orthanc.stop()
+    stopped = doctor(config)
+    return {"running": list(running), "stopped": list(stopped)}
+
+
+def test_a_real_orthanc_passes_while_it_runs_and_fails_its_line_once_stopped(tmp_path: Path) -> None:
+    from .orthanc import require_orthanc, run_in_namespace
+
+    require_orthanc()
+    result = run_in_namespace(_scenario_orthanc, {"root": str(tmp_path)}, tmp_path, timeout=300)
+    code, lines, output = result["running"]
+    assert code == 0, output
+    assert lines["destination orthanc"].startswith("ok ") and "answers C-ECHO" in lines["destination orthanc"]
+    code, lines, output = result["stopped"]
+    assert code == 1, output
+    failed = [line for line in output.splitlines() if line.startswith("FAIL")]
+    assert failed == [lines["destination orthanc"]], output
+    assert f"ORTHANC@{LOCALHOST}:4242" in failed[0] and "-> fix: " in failed[0]
