@@ -486,7 +486,8 @@ def test_task_failure_logged_by_prefect_carries_no_received_uid_in_full_mode(tmp
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     done = subprocess.run(
-        [sys.executable, "-m", "netrt", "process", str(study), "--config", str(config)],
+        # --verbose: Prefect's own log lines (where it logs the task's exception) on the terminal too
+        [sys.executable, "-m", "netrt", "process", str(study), "--config", str(config), "--verbose"],
         capture_output=True,
         text=True,
         timeout=600,

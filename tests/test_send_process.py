@@ -68,6 +68,9 @@ def _scenario_process_and_quarantine(params: dict[str, Any]) -> dict[str, Any]:
     wrong = _config(
         root, "wrong.yaml", root / "data-wrong", "ae_title: NOT_ORTHANC, retries: 3, retry_delay_seconds: 5"
     )
+    # Another data dir: it may not take the first data dir's local Prefect server as its own, so it
+    # names that server as a shared Prefect API (prefect.api_url), as separate nodes sharing one would.
+    wrong.write_text(wrong.read_text() + "prefect: {api_url: 'http://127.0.0.1:4200/api'}\n")
     first, second = params["first"], params["second"]
 
     def received() -> list[str]:
