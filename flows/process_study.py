@@ -50,7 +50,6 @@ from netrt.config import (
     AnonymizationConfig,
     DicomDestination,
     FolderDestination,
-    NetrtConfig,
     ProcessingConfig,
     load_config,
 )
@@ -284,16 +283,9 @@ def _backoff(first: float, retries: int) -> list[float]:
 class _Run(StudyRun):
     """:class:`netrt.runbook.StudyRun` plus what is Prefect's: cached task calls and their retries."""
 
-    def __init__(
-        self,
-        config: NetrtConfig,
-        layout: DataLayout,
-        secret: bytes,
-        report: StudyReport,
-        transactions: TransactionLog,
-    ) -> None:
-        super().__init__(config, layout, secret, report, transactions)
-        self.results = layout.cache / "results"  # a Path: Prefect stores results there without a saved block
+    @property
+    def results(self) -> Path:
+        return self.layout.cache / "results"  # a Path: Prefect stores results there without a saved block
 
     def cached_call(self, task_: Task[..., R], timing: StageTiming, present: Callable[[R], bool], **kwargs: Any) -> R:
         """Run a cacheable task; note a cache hit; recompute a hit whose files are not as written (``present``)."""

@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any, cast
 
@@ -53,7 +52,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from listener.completion import StudyTracker
 from listener.store import StoreError, write_instance
-from netrt.commitment import add_report_context, answer_event_report
+from netrt.commitment import add_report_context, address_allowed, answer_event_report
 from netrt.config import ListenerConfig, TlsConfig
 from netrt.errors import NetrtError, UnsafeIdentifierError
 from netrt.logs import TransactionLog
@@ -266,18 +265,6 @@ class _AssociationInfo:
     refused: int = 0
 
 
-def _allowed(address: str, networks: list[IPv4Network | IPv6Network]) -> bool:
-    if not networks:
-        return True
-    try:
-        ip = ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == net.version and ip in net for net in networks)
-
-
 def _not_a_uid(what: str, value: object) -> str:
     """Why a UID was refused, without repeating the value: it came from the sender and may hold anything."""
     text = "" if value is None else str(value)
@@ -342,7 +329,7 @@ class ListenerHandlers:
             # requestor.ae_title is filled in only after this event; the request primitive has it.
             calling = str(getattr(requestor.primitive, "calling_ae_title", "") or "").strip()
             called = str(getattr(requestor.primitive, "called_ae_title", "") or "").strip()
-            if not _allowed(requestor.address, self.config.allowed_networks):
+            if not address_allowed(requestor.address, self.config.allowed_networks):
                 self._reject(
                     event, calling, REJECT_NO_REASON, f"source address {requestor.address} is not in allowed_networks"
                 )

@@ -300,7 +300,9 @@ def add_report_context(ae: AE) -> None:
     ae.add_supported_context(STORAGE_COMMITMENT_SOP_CLASS, scu_role=True, scp_role=True)
 
 
-def _allowed(address: str, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
+def address_allowed(address: str, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
+    """Whether a peer address is inside one of ``networks`` (empty: every address), IPv4-mapped
+    IPv6 addresses taken as IPv4 (the listener's and the report receiver's allowlist)."""
     if not networks:
         return True
     try:
@@ -348,7 +350,7 @@ class ReportReceiver:
             requestor = event.assoc.requestor
             calling = str(getattr(requestor.primitive, "calling_ae_title", "") or "").strip()
             why = None
-            if not _allowed(requestor.address, self._networks):
+            if not address_allowed(requestor.address, self._networks):
                 why = f"source address {requestor.address} is not in allowed_networks"
             elif self._titles and calling not in self._titles:
                 why = f"calling AE title {calling!r} is not allowed"
