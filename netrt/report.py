@@ -85,9 +85,7 @@ def _commitment_words(dest: dict[str, Any]) -> str:
     return f"storage commitment: committed {committed} of {instances}"
 
 
-def roi_rows(
-    rois: Sequence[Any], colors: dict[int, tuple[int, int, int]], voxel_mm3: float
-) -> list[dict[str, Any]]:
+def roi_rows(rois: Sequence[Any], colors: dict[int, tuple[int, int, int]], voxel_mm3: float) -> list[dict[str, Any]]:
     """One row per ROI of the structure set for the summary and the ROI table artifact: name,
     whether it was kept (and why), its voxels on the image grid, their volume in cm³ and, for kept
     ROIs, the colour it is drawn in (``#rrggbb``). ``rois`` are :class:`netrt.masks.RoiReport`."""
