@@ -67,7 +67,8 @@ def direct(input_dir: Path, config: NetrtConfig) -> None:
     written = [series for plane in planes for series in by_plane[plane]]
     preview_step(anonymized.study, masks, keyed / "preview.png")
     for destination in config.effective_destinations():
-        deliver_to_folder(destination.name, destination.path, [p for s in written for p in s.files])  # type: ignore[union-attr]
+        files = [p for s in written for p in s.files]
+        deliver_to_folder(destination.name, destination.path, files, link_from=work)  # type: ignore[union-attr]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,10 @@ def main() -> None:
             lambda k=kind, p=plane: write_output(study, masks, k, p, processing, args.work / "work"),
         )
         files += [path for series in written for path in series.files]
-    outcome = timed("deliver", lambda: deliver_to_folder("bench", args.work / "delivered", files))
+    # as the flow does: derived files under the work dir are hard-linked into the folder destination
+    outcome = timed(
+        "deliver", lambda: deliver_to_folder("bench", args.work / "delivered", files, link_from=args.work / "work")
+    )
     if outcome.stored != len(files):
         raise RuntimeError(outcome.detail)
     seconds = time.perf_counter() - started

@@ -233,7 +233,8 @@ def run_netrt(input_dir: Path, work: Path, stages: _Stages) -> dict[str, Any]:
     for plane in PLANES:
         written[plane] = stages.run(plane, functools.partial(write_plane, study, masks, plane, processing, work_dir))
     files = [path for series_list in written.values() for series in series_list for path in series.files]
-    outcome = stages.run("deliver", lambda: deliver_to_folder("bench", delivered, files))
+    # as the flow does: derived files under the work dir are hard-linked into the folder destination
+    outcome = stages.run("deliver", lambda: deliver_to_folder("bench", delivered, files, link_from=work_dir))
     if outcome.stored != len(files) or _count_files(delivered) != len(files):
         raise RuntimeError(f"delivery incomplete: {outcome.detail}; {_count_files(delivered)} files on disk")
 

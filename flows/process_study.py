@@ -231,11 +231,13 @@ def deliver(
     progress_file: str,
     run_tag: str,
     report_route: ReportRoute | None = None,
+    link_from: str | None = None,
 ) -> DeliveryOutcome:
     with _scrubbed_errors():
         progress = _Progress(f"instances stored at {destination.name}")
         if isinstance(destination, FolderDestination):
-            outcome = deliver_to_folder(destination.name, destination.path, files, progress.update)
+            own = Path(link_from) if link_from is not None else None
+            outcome = deliver_to_folder(destination.name, destination.path, files, progress.update, own)
         else:
             from netrt.send import send_to_dicom
 
@@ -597,7 +599,13 @@ def _deliver_all(run: _Run, routes: dict[str, list[Path]], transactions: Transac
         )
         progress = str(book.progress_file(destination))
         futures.append(
-            (destination, task_.submit(destination, book.files(destination), calling, progress, run_tag, route))
+            (
+                destination,
+                # Derived files under the work dir may be hard-linked into folder destinations.
+                task_.submit(
+                    destination, book.files(destination), calling, progress, run_tag, route, str(run.layout.work)
+                ),
+            )
         )
     for destination, future in futures:
         try:

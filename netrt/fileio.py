@@ -3,9 +3,11 @@ never leaves a half-written DICOM instance under its final name."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -56,6 +58,30 @@ def atomic_copy(source: Path, target: Path, *, durable: bool = True) -> Path:
     with atomic_output(target, durable=durable) as handle, source.open("rb") as src:
         shutil.copyfileobj(src, handle, 1 << 20)
     return target
+
+
+#: Why a hard link can fail where a copy still works: another file system, no link support, too many links.
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def atomic_link(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` as ``target`` atomically (a temp link renamed onto it); False, with
+    nothing changed, when the file system cannot link them (then copy instead). No data moves, so
+    the caller makes the data durable (``os.sync``) and fsyncs the folders."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.parent / f".tmp-{uuid.uuid4().hex}.link"
+    try:
+        os.link(source, temp)
+    except OSError as exc:
+        if exc.errno in _NO_LINK:
+            return False
+        raise
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return True
 
 
 def move_folder(source: Path, target: Path) -> None:
