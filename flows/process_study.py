@@ -371,7 +371,7 @@ def process_study(
     run.continuing_runs.add(retried_run(layout, entry_id_for(layout, source, label)))
     _SCRUBBER.set(lambda text: run.scrub(text, study_files_of(source, study_instance_uid)))
     try:
-        summary = _process(run, source, study_instance_uid, transactions)
+        summary = _process(run, source, study_instance_uid)
     except Exception as exc:
         failure = run.fail(exc, source, study_instance_uid, label)
         _publish(run, None)
@@ -381,7 +381,7 @@ def process_study(
     return summary
 
 
-def _process(run: _Run, source: Path, study_instance_uid: str | None, transactions: TransactionLog) -> dict[str, Any]:
+def _process(run: _Run, source: Path, study_instance_uid: str | None) -> dict[str, Any]:
     config, layout, report = run.config, run.layout, run.report
     with run.timed("validate"):
         try:
@@ -393,7 +393,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
                 raise
             original = None
     if original is None:
-        return _pass_through(run, source, study_instance_uid, transactions)
+        return _pass_through(run, source, study_instance_uid)
     report.study = run.public(original.study_instance_uid)
     _add_run_tags(report.flow_run_id, f"modality:{original.images.modality}")
     work = layout.study_dir(layout.work, report.study)
@@ -493,19 +493,14 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
                 cache_key=content_key("preview", mask_key, config.processing.disclaimer),
             ).path
         )
-    transactions.record(
-        "processed",
-        study_instance_uid=report.study,
-        flow_run_id=report.flow_run_id,
-        counts={output_label(s.kind, s.plane): len(s.files) for s in written},
-    )
+    run.record("processed", counts={output_label(s.kind, s.plane): len(s.files) for s in written})
 
     made: dict[str, list[Path]] = {}
     for series in written:
         made.setdefault(series.kind, []).extend(series.files)
     made["source"] = [*study.images.files, study.rtstruct_file, *anonymized.forwarded]
     with run.timed("deliver"):
-        _deliver_all(run, route_files(config.effective_destinations(), made), transactions)
+        _deliver_all(run, route_files(config.effective_destinations(), made))
     return {
         "study_instance_uid": report.study,
         "rois_kept": masks.kept,
@@ -520,9 +515,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None, transactio
     }
 
 
-def _pass_through(
-    run: _Run, source: Path, study_instance_uid: str | None, transactions: TransactionLog
-) -> dict[str, Any]:
+def _pass_through(run: _Run, source: Path, study_instance_uid: str | None) -> dict[str, Any]:
     """A study without an RTSTRUCT, with ``images_without_rtstruct: pass_through``: deliver its images as
     they are (anonymized as configured), no overlay; the summary says so."""
     config, layout, report = run.config, run.layout, run.report
@@ -539,15 +532,10 @@ def _pass_through(
             str(work / content_key(images.files, anonymization.model_dump(mode="json"))[:12]),
         )
     report.warnings += run.scrubbed(passed.warnings, list(images.files))
-    transactions.record(
-        "processed",
-        study_instance_uid=report.study,
-        flow_run_id=report.flow_run_id,
-        counts={"pass-through": len(passed.files)},
-    )
+    run.record("processed", counts={"pass-through": len(passed.files)})
     with run.timed("deliver"):
         files = list(passed.files)
-        _deliver_all(run, {d.name: files for d in config.effective_destinations()}, transactions)
+        _deliver_all(run, {d.name: files for d in config.effective_destinations()})
     return {
         "study_instance_uid": report.study,
         "rois_kept": [],
@@ -574,7 +562,7 @@ def _add_run_tags(flow_run_id: str | None, *tags: str) -> None:
         client.update_flow_run(UUID(flow_run_id), tags=sorted({*current.tags, *tags}))
 
 
-def _deliver_all(run: _Run, routes: dict[str, list[Path]], transactions: TransactionLog) -> None:
+def _deliver_all(run: _Run, routes: dict[str, list[Path]]) -> None:
     """Deliver to every destination at once its files (``routes``: destination name -> files);
     one failing does not stop or repeat the others.
 

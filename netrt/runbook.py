@@ -221,6 +221,7 @@ class DeliveryBook:
     episode: DeliveryEpisode = field(init=False)
     failures: list[str] = field(default_factory=list)
     all_retryable: bool = True
+    _digests: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         layout, report = self.run.layout, self.run.report
@@ -231,13 +232,19 @@ class DeliveryBook:
     def files(self, destination: Destination) -> list[Path]:
         return self.routes[destination.name]
 
+    def digest(self, destination: Destination) -> str:
+        """What the destination is given (:func:`netrt.episodes.files_digest`), computed once."""
+        if destination.name not in self._digests:
+            self._digests[destination.name] = files_digest(self.files(destination))
+        return self._digests[destination.name]
+
     def progress_file(self, destination: Destination) -> Path:
         return self.episode.progress_file(destination.name)
 
     def delivered_earlier(self, destination: Destination) -> bool:
         """True (and reported) when the destination got these very files earlier in this episode."""
         files = self.files(destination)
-        earlier = self.episode.delivered_earlier(destination.name, files_digest(files))
+        earlier = self.episode.delivered_earlier(destination.name, self.digest(destination))
         if earlier is None:
             return False
         detail = f"delivered earlier in this delivery (flow run {earlier.get('run')}); not sent again"
@@ -255,9 +262,8 @@ class DeliveryBook:
         return True
 
     def succeeded(self, destination: Destination, outcome: DeliveryOutcome) -> None:
-        files = self.files(destination)
         self.episode.mark_delivered(
-            outcome.destination, files_digest(files), self.run.report.flow_run_id, outcome.instances
+            outcome.destination, self.digest(destination), self.run.report.flow_run_id, outcome.instances
         )
         self.run.report.destinations.append(
             {

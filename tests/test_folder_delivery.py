@@ -5,7 +5,6 @@ on another file system (a real tmpfs) gets copies; every file lands whole under 
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import pytest
 
 from netrt.deliver import deliver_to_folder
 from netrt.phantom import PhantomSpec, write_phantom
+
+from .conftest import mounted_tmpfs
 
 
 @pytest.fixture
@@ -61,20 +62,8 @@ def test_a_rewritten_work_file_replaces_the_delivered_one(study: list[Path], tmp
 @pytest.fixture
 def other_file_system(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs mounted for this test: another file system than the work dir's (needs root)."""
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (root needed): {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "64m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
 
 
 def test_a_destination_on_another_file_system_gets_copies(

@@ -37,7 +37,7 @@ from netrt.layout import DataLayout
 from netrt.logs import TransactionLog
 from netrt.phantom import PhantomSpec, write_phantom
 
-from .conftest import REPO, free_port, require_tool
+from .conftest import REPO, free_port, mounted_tmpfs, require_tool
 from .listener_helpers import LOCALHOST, RecordingTrigger, dcmtk_env, listener_config, running_listener, wait_until
 
 pytestmark = [pytest.mark.network]
@@ -185,20 +185,8 @@ _TMPFS_SIZE = 2 * 1024 * 1024
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs mounted for this test (needs root; skipped with the reason otherwise)."""
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={_TMPFS_SIZE},mode=0755", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (root needed): {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small-disk", _TMPFS_SIZE) as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
 
 
 def test_disk_full_during_receive_answers_a700_and_recovers_when_space_returns(
