@@ -303,7 +303,9 @@ def test_outputs_section(smoke: Run) -> None:
     everything = float(rows["`outputs: [overlay, seg, color]`"][1])
     assert overlay > 0 and everything > overlay, "SEG and colour add work"
     ratio = float(re.search(r"\*\*Ratio all / overlay-only: (\d+\.\d+)x\*\*", section).group(1))  # type: ignore[union-attr]
-    assert abs(ratio - everything / overlay) < 0.02
+    # The table shows medians rounded to 0.01 s, the ratio is of the unrounded medians: within rounding.
+    low, high = (everything - 0.005) / (overlay + 0.005), (everything + 0.005) / (overlay - 0.005)
+    assert low - 0.005 <= ratio <= high + 0.005, (ratio, low, high)
     assert re.search(r"target <= 1.6x: (met|\*\*missed\*\*)", section)
     assert re.search(r"all outputs \d+ MiB = \*\*\d+\.\d+x\*\* the decoded pixels", section)
     assert "write seg" in section and "write color-sagittal" in section
