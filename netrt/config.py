@@ -276,6 +276,13 @@ class ProcessingConfig(_Section):
         le=2**31 - 100,
         description="SeriesNumber of written series: base + 1 axial, + 2 coronal, + 3 sagittal; burn-in series + 10.",
     )
+    structure_sets: Literal["latest", "each", "merge"] = Field(
+        default="latest",
+        description="Several RTSTRUCTs on the processed image series: `latest` processes the newest (by "
+        "StructureSetDate/Time, then InstanceCreationDate/Time; equally new ones are refused), `each` processes "
+        "every one on its own (own masks and series), `merge` combines their ROIs into one set (a name in several: "
+        "the newest structure set's ROI is used).",
+    )
     images_without_rtstruct: Literal["quarantine", "pass_through"] = Field(
         default="quarantine",
         description="A study with images but no RTSTRUCT: `quarantine` it (reason: no RTSTRUCT), or `pass_through` "

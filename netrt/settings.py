@@ -25,6 +25,9 @@ _KIND_OPTIONS = {"images_without_rtstruct", "outputs", "burn_in", "overlay_group
 def settings_key(processing: ProcessingConfig) -> str:
     """A short hash of the settings every written output depends on, plus the code version."""
     shaping = processing.model_dump(mode="json", exclude=_KIND_OPTIONS)
+    if shaping.get("structure_sets") == "latest":
+        # the default, what NETRT did before the key existed: its outputs keep the UIDs they had
+        del shaping["structure_sets"]
     payload = json.dumps({"processing": shaping, "netrt": __version__}, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 

@@ -505,10 +505,18 @@ def test_newest_rtstruct_is_used_and_others_named(phantom: PhantomManifest) -> N
     assert "RS.dcm" in loaded.warnings[0] and "RS_older.dcm" in loaded.warnings[0]
 
 
-def test_instance_number_breaks_a_time_tie(phantom: PhantomManifest) -> None:
+def test_instance_creation_time_breaks_a_time_tie_and_instance_number_does_not(phantom: PhantomManifest) -> None:
+    """Issue 18 item 5: StructureSetDate/Time, then InstanceCreationDate/Time; InstanceNumber is no age."""
     time = str(pydicom.dcmread(phantom.rtstruct_file).StructureSetTime)
-    later = second_rtstruct(phantom, "RS_2.dcm", time, instance_number=2)
-    assert load_study(dicom_files(phantom)).rtstruct_file == later
+    numbered = second_rtstruct(phantom, "RS_2.dcm", time, instance_number=2)
+    error = load_expecting(StudyValidationError, phantom.out_dir / "dicom")
+    assert "equally new" in str(error)
+
+    def created_later(ds: Dataset) -> None:
+        ds.InstanceCreationTime = "235959"
+
+    edit(numbered, created_later)
+    assert load_study(dicom_files(phantom)).rtstruct_file == numbered
 
 
 def test_equally_new_rtstructs_are_refused(phantom: PhantomManifest) -> None:

@@ -64,7 +64,14 @@ from netrt.study._common import (
 )
 from netrt.study.discovery import find_studies, find_study, scan_files
 from netrt.study.loader import find_images_only, load_found_study, load_images_only, load_study
-from netrt.study.model import ImageSeries, ImagesOnlyStudy, LoadedStudy, NoStructureSetError, StudyFiles
+from netrt.study.model import (
+    ImageSeries,
+    ImagesOnlyStudy,
+    LoadedStudy,
+    NoStructureSetError,
+    StructureSetInfo,
+    StudyFiles,
+)
 from netrt.study.pixels import CrossSections, read_cross_sections, read_image_volume, read_source_image
 
 __all__ = [
@@ -91,6 +98,7 @@ __all__ = [
     "ImagesOnlyStudy",
     "LoadedStudy",
     "NoStructureSetError",
+    "StructureSetInfo",
     "StudyFiles",
     "find_images_only",
     "find_studies",

@@ -12,9 +12,15 @@ from netrt.errors import DicomInputError, StudyValidationError
 from netrt.study._common import IMAGE_MODALITIES, IMAGE_SOP_CLASSES, _listed, _tag
 from netrt.study.discovery import _Instance, _read_dataset, _read_instance, _scan, find_study
 from netrt.study.model import ImageSeries, ImagesOnlyStudy, LoadedStudy, NoStructureSetError
-from netrt.study.pixels import _decode_slice
-from netrt.study.references import TAG_POSITION_MATCH, _check_frames, _check_references, match_by_position
-from netrt.study.stack import _check_same_frame, _check_same_plane, _grid, _image_members, _read_slice
+from netrt.study.pixels import _check_decodes
+from netrt.study.references import (
+    TAG_POSITION_MATCH,
+    _check_frames,
+    _check_referenced_frames,
+    _check_references,
+    match_by_position,
+)
+from netrt.study.stack import _check_same_frame, _check_same_plane, _grid, _image_members, _instances, _read_slices
 from netrt.study.structure_set import (
     UnresolvedReferencesError,
     _choose_structure_set,
@@ -66,11 +72,13 @@ def _no_rtstruct(
     )
 
 
-def load_study(files: Sequence[Path]) -> LoadedStudy:
+def load_study(files: Sequence[Path], structure_sets: str = "latest") -> LoadedStudy:
     """Validate one study's files and describe what to process.
 
     Groups the files by series, picks the RTSTRUCT (the newest, if several reference the same
-    series), resolves the image series it references, and checks that series: supported single-
+    series; with ``structure_sets`` ``each`` or ``merge`` every one on that series, see
+    :func:`netrt.study.structure_set._choose_structure_set`), resolves the image series it
+    references, and checks that series: supported single-
     frame SOP class, one frame of reference (the RTSTRUCT's too), every referenced image present,
     one orientation, matrix size and pixel spacing, geometry tags present, slices evenly spaced
     along the normal, pixel data present with a decoder installed, and the first and last slices
@@ -105,10 +113,11 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
     structure_set_files = [inst for inst in instances if inst.is_rtstruct]
     if not structure_set_files:
         raise _no_rtstruct(StudyValidationError, study_uid, paths, series)
-    structure_sets = [_read_structure_set(inst) for inst in structure_set_files]
-    chosen, series_uid, source, warnings = _choose_structure_set(
-        structure_sets, series, lambda rs, cause: match_by_position(rs, series, cause)
+    found_sets = [_read_structure_set(inst) for inst in structure_set_files]
+    chosen_sets, series_uid, source, warnings = _choose_structure_set(
+        found_sets, series, lambda rs, cause: match_by_position(rs, series, cause), structure_sets
     )
+    chosen = chosen_sets[0]
 
     members, set_aside = _image_members(series[series_uid])
     warnings.extend(set_aside)
@@ -118,7 +127,7 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
             path=chosen.path,
             tag=source,
         )
-    slices = [_read_slice(inst) for inst in members]
+    slices = [s for inst in members for s in _read_slices(inst)]  # an enhanced image: one per frame
     frame = _check_same_frame(slices, series_uid)
     warnings.extend(_check_frames(chosen, series_uid, frame, slices[0].path))
     owner = {inst.sop_instance_uid: uid for uid, group in series.items() for inst in group}
@@ -128,14 +137,20 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
         except UnresolvedReferencesError as cause:  # its series was received, none of its images
             _, source, note = match_by_position(chosen, series, cause, only=series_uid)
             warnings.insert(0, note)
+    for extra in chosen_sets[1:]:  # processing.structure_sets each / merge: the same checks for each
+        warnings.extend(_check_frames(extra, series_uid, frame, slices[0].path))
+        try:
+            _check_references(extra, series_uid, {s.sop_instance_uid for s in slices}, owner)
+        except UnresolvedReferencesError as cause:
+            warnings.append(match_by_position(extra, series, cause, only=series_uid)[2])
     _check_same_plane(slices)
     grid = _grid(slices, series_uid)
     ordered = grid.ordered
     warnings.extend(grid.warnings)
     for s in {id(ordered[0]): ordered[0], id(ordered[-1]): ordered[-1]}.values():
-        _decode_slice(s.path, s.rows, s.columns, s.sop_instance_uid)
+        _check_decodes(s.path, s.rows, s.columns, s.sop_instance_uid, s.frame_number)
 
-    used = {s.path for s in ordered} | {chosen.path}
+    used = {s.path for s in ordered} | {rs.path for rs in chosen_sets}
     other_files = tuple(p for p in paths if p not in used)
     registered_files = tuple(
         sorted(
@@ -149,17 +164,22 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
         )
     )
     first = ordered[0]
+    files, sop_uids, slice_files, frame_numbers = _instances(ordered)
+    if frame_numbers:
+        _check_referenced_frames(chosen, ordered)
     images = ImageSeries(
         series_instance_uid=series_uid,
         sop_class_uid=first.sop_class_uid,
         modality=first.modality or Counter(s.modality for s in ordered).most_common(1)[0][0],
         frame_of_reference_uid=frame,
-        files=tuple(s.path for s in ordered),
-        sop_instance_uids=tuple(s.sop_instance_uid for s in ordered),
+        files=files,
+        sop_instance_uids=sop_uids,
         geometry=grid.geometry,
         positions=grid.positions,
         slice_indices=grid.slice_indices,
         missing_slices=grid.missing,
+        slice_files=slice_files,
+        frame_numbers=frame_numbers,
     )
     return LoadedStudy(
         study_instance_uid=study_uid,
@@ -170,6 +190,8 @@ def load_study(files: Sequence[Path]) -> LoadedStudy:
         warnings=tuple(warnings),
         reference_source=source,
         registered_files=registered_files,
+        structure_sets=tuple(rs.info() for rs in chosen_sets),
+        structure_set_mode=structure_sets,
     )
 
 
@@ -222,7 +244,7 @@ def _skipped_note(skipped: Sequence[tuple[Path, str]]) -> str:
     return f"{len(skipped)} file(s) of the folder are not usable DICOM instances and were not used: {listed}"
 
 
-def load_found_study(root: Path, study_instance_uid: str | None = None) -> LoadedStudy:
+def load_found_study(root: Path, study_instance_uid: str | None = None, structure_sets: str = "latest") -> LoadedStudy:
     """:func:`find_study` then :func:`load_study`, with the folder's unusable files never dropped silently.
 
     Files under ``root`` that are not usable DICOM instances (no preamble or file meta, a
@@ -253,7 +275,7 @@ def load_found_study(root: Path, study_instance_uid: str | None = None) -> Loade
         error = _no_rtstruct(NoStructureSetError, matching[0], paths, dict(series))
         raise NoStructureSetError(f"{error.reason}; {note}" if note else error.reason, path=error.path, tag=error.tag)
     try:
-        study = load_study(paths)
+        study = load_study(paths, structure_sets)
     except DicomInputError as exc:
         if not note:
             raise

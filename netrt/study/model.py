@@ -53,12 +53,36 @@ class StudyFiles:
 
 
 @dataclass(frozen=True)
+class ReceivedSlice:
+    """One received slice: its grid slice, its file and SOP instance, and its frame in that file
+    (1-based; 0 for a classic single-frame file)."""
+
+    grid_index: int
+    path: Path
+    sop_instance_uid: str
+    frame_number: int
+
+    @property
+    def name(self) -> str:
+        """How messages name it: the file, and the frame of a multi-frame file."""
+        return f"{self.path.name} frame {self.frame_number}" if self.frame_number else self.path.name
+
+
+@dataclass(frozen=True)
 class ImageSeries:
     """The validated image series of a study: one regular grid, slices in spatial order.
 
     ``files``, ``sop_instance_uids`` and ``positions`` are sorted by increasing position along
     the slice normal (``geometry.normal``), which is the order of the volume's first axis.
     ``positions`` are those positions in mm (of the received files).
+
+    **Enhanced multi-frame series** (:mod:`netrt.study.multiframe`): every frame is one received
+    slice. ``files`` and ``sop_instance_uids`` then list each *instance* once (a multi-frame file
+    holds many slices), ``slice_files`` gives the index into ``files`` of each received slice and
+    ``frame_numbers`` its 1-based frame in that file (both in spatial order, like
+    ``slice_indices``). For a classic series both are empty and mean "slice ``i`` is file ``i``,
+    no frame" (:meth:`received_slices` gives the same view of either). ``files`` stay one per
+    instance so that anonymization, ``source`` forwarding and fingerprints see each file once.
 
     ``geometry`` is the uniform grid from the first to the last received slice. When slices are
     missing from the stack it has more slices than there are files: ``slice_indices`` gives the
@@ -83,14 +107,25 @@ class ImageSeries:
     positions: tuple[float, ...] = ()
     slice_indices: tuple[int, ...] = ()
     missing_slices: tuple[int, ...] = ()
+    slice_files: tuple[int, ...] = ()
+    frame_numbers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         grid_slices = self.geometry.shape[0]
-        indices = tuple(int(i) for i in self.slice_indices) or tuple(range(len(self.files)))
-        if len(indices) != len(self.files) or len(self.sop_instance_uids) != len(self.files):
+        if len(self.slice_files) != len(self.frame_numbers):
+            raise ValueError(
+                f"{len(self.slice_files)} slice files and {len(self.frame_numbers)} frame numbers; one of each per "
+                "received slice of a multi-frame series (none for a classic one)"
+            )
+        if any(not 0 <= i < len(self.files) for i in self.slice_files) or any(n < 1 for n in self.frame_numbers):
+            raise ValueError("slice files must index files and frame numbers start at 1")
+        received = len(self.slice_files) if self.slice_files else len(self.files)
+        indices = tuple(int(i) for i in self.slice_indices) or tuple(range(received))
+        if len(indices) != received or len(self.sop_instance_uids) != len(self.files):
             raise ValueError(
                 f"series lists {len(self.files)} files, {len(self.sop_instance_uids)} SOP instance UIDs and "
-                f"{len(indices)} slice indices; one of each per file expected"
+                f"{len(indices)} slice indices for {received} received slices; one UID per file and one index per "
+                "received slice expected"
             )
         if any(b <= a for a, b in pairwise(indices)):
             raise ValueError(f"slice indices must increase along the normal, got {indices}")
@@ -106,12 +141,50 @@ class ImageSeries:
         object.__setattr__(self, "slice_indices", indices)
         object.__setattr__(self, "missing_slices", derived)
 
+    @property
+    def is_multiframe(self) -> bool:
+        """The slices are frames of enhanced multi-frame instances."""
+        return bool(self.frame_numbers)
+
+    def received_slices(self) -> tuple[ReceivedSlice, ...]:
+        """Every received slice in spatial order: its grid slice, file, SOP instance and frame (0: classic)."""
+        if not self.frame_numbers:
+            return tuple(
+                ReceivedSlice(k, path, uid, 0)
+                for k, path, uid in zip(self.slice_indices, self.files, self.sop_instance_uids, strict=True)
+            )
+        return tuple(
+            ReceivedSlice(k, self.files[f], self.sop_instance_uids[f], n)
+            for k, f, n in zip(self.slice_indices, self.slice_files, self.frame_numbers, strict=True)
+        )
+
     def received_neighbours(self, grid_slice: int) -> tuple[int, int]:
         """The nearest received grid slices below and above a missing one (what it is filled from)."""
         position = bisect_left(self.slice_indices, grid_slice)
         if not 0 < position < len(self.slice_indices) or self.slice_indices[position] == grid_slice:
             raise ValueError(f"grid slice {grid_slice} is not a missing slice of this series")
         return self.slice_indices[position - 1], self.slice_indices[position]
+
+
+@dataclass(frozen=True)
+class StructureSetInfo:
+    """One RTSTRUCT processed with a study: which file, which instance, its label and its age.
+
+    ``rank`` orders structure sets by age (newest last): StructureSetDate, StructureSetTime, then
+    InstanceCreationDate, InstanceCreationTime (times in seconds, -1 when absent); equal ranks
+    cannot be told apart. ``age`` says the same in words for the run summary.
+    """
+
+    path: Path
+    sop_instance_uid: str
+    label: str  # StructureSetLabel ("" when absent)
+    age: str
+    rank: tuple[str, float, str, float]
+
+    @property
+    def name(self) -> str:
+        """How the run summary and the written series name it: its StructureSetLabel, else its file."""
+        return self.label or self.path.stem
 
 
 @dataclass(frozen=True)
@@ -127,6 +200,10 @@ class LoadedStudy:
     series' frame of reference (a registered MR, a CBCT, another CT phase), sorted by path: never
     stacked with ``images`` nor processed, kept so that they can be forwarded with the study
     (``source`` routing). They are also in ``other_files``.
+    ``structure_sets`` are the RTSTRUCTs to process on ``images`` (``processing.structure_sets``),
+    newest first: the one in ``rtstruct_file`` alone for ``latest``; for ``each`` and ``merge``
+    every RTSTRUCT whose references resolve to ``images``, ``rtstruct_file`` being the newest.
+    ``structure_set_mode`` is the mode they were chosen by.
     """
 
     study_instance_uid: str
@@ -137,3 +214,5 @@ class LoadedStudy:
     warnings: tuple[str, ...]
     reference_source: str = ""
     registered_files: tuple[Path, ...] = ()
+    structure_sets: tuple[StructureSetInfo, ...] = ()
+    structure_set_mode: str = "latest"

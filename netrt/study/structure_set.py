@@ -24,6 +24,7 @@ from netrt.study._common import (
     _unique,
 )
 from netrt.study.discovery import _Instance, _read_dataset
+from netrt.study.model import StructureSetInfo
 
 
 def _time_seconds(value: str) -> float:
@@ -57,7 +58,9 @@ class _StructureSet:
     instance: _Instance
     date: str
     time: str
-    instance_number: int | None
+    creation_date: str  # InstanceCreationDate
+    creation_time: str  # InstanceCreationTime
+    label: str  # StructureSetLabel
     referenced_series: tuple[str, ...]  # RTReferencedSeriesSequence > SeriesInstanceUID, in order
     series_images: dict[str, tuple[str, ...]]  # series UID -> its ContourImageSequence SOP UIDs
     contour_images: tuple[str, ...]  # ROIContourSequence > ... > ReferencedSOPInstanceUID
@@ -70,16 +73,26 @@ class _StructureSet:
         return self.instance.path
 
     @property
-    def rank(self) -> tuple[str, float, int]:
-        """Sort key, newest last: StructureSetDate, StructureSetTime, then InstanceNumber."""
-        number = self.instance_number if self.instance_number is not None else -1
-        return (self.date, _time_seconds(self.time), number)
+    def rank(self) -> tuple[str, float, str, float]:
+        """Sort key, newest last: StructureSetDate, StructureSetTime, then InstanceCreationDate,
+        InstanceCreationTime.
+
+        The structure set's own date and time say when its contours were approved or saved; the
+        instance's creation date and time only when this file was written, so they come second
+        (an export of an old structure set is not a newer one). InstanceNumber is no age at all
+        (a counter each system starts anew) and plays no part. A value absent counts as oldest.
+        """
+        return (self.date, _time_seconds(self.time), self.creation_date, _time_seconds(self.creation_time))
 
     def describe_age(self) -> str:
-        number = "none" if self.instance_number is None else str(self.instance_number)
         return (
-            f"{self.path.name} (StructureSetDate/Time {self.date or '-'} {self.time or '-'}, InstanceNumber {number})"
+            f"{self.path.name} (StructureSetDate/Time {self.date or '-'} {self.time or '-'}, "
+            f"InstanceCreationDate/Time {self.creation_date or '-'} {self.creation_time or '-'})"
         )
+
+    def info(self) -> StructureSetInfo:
+        """The public description of this structure set (:class:`netrt.study.StructureSetInfo`)."""
+        return StructureSetInfo(self.path, self.instance.sop_instance_uid, self.label, self.describe_age(), self.rank)
 
 
 def _items(ds: Dataset, keyword: str) -> list[Dataset]:
@@ -130,15 +143,13 @@ def _read_structure_set(instance: _Instance) -> _StructureSet:
         raise DicomInputError(f"RTSTRUCT cannot be parsed: {type(exc).__name__}: {exc}", path=instance.path) from exc
     if not frames and instance.frame_of_reference_uid:
         frames.append(instance.frame_of_reference_uid)
-    try:  # optional and only a tie-breaker: a malformed value must not reject the study
-        instance_number: int | None = int(ds.get("InstanceNumber"))
-    except (TypeError, ValueError):
-        instance_number = None
     return _StructureSet(
         instance=instance,
         date=_text(ds, "StructureSetDate"),
         time=_text(ds, "StructureSetTime"),
-        instance_number=instance_number,
+        creation_date=_text(ds, "InstanceCreationDate"),
+        creation_time=_text(ds, "InstanceCreationTime"),
+        label=_text(ds, "StructureSetLabel"),
         referenced_series=tuple(_unique(referenced_series)),
         series_images={uid: tuple(_unique(sops)) for uid, sops in series_images.items()},
         contour_images=tuple(_unique(contour_images)),
@@ -247,22 +258,39 @@ def _resolve_image_series(rs: _StructureSet, series: dict[str, list[_Instance]])
     )
 
 
+#: ``processing.structure_sets``: which RTSTRUCTs on the image series are processed.
+STRUCTURE_SET_MODES = ("latest", "each", "merge")
+
+
 def _choose_structure_set(
     structure_sets: list[_StructureSet],
     series: dict[str, list[_Instance]],
     fallback: PositionFallback | None = None,
-) -> tuple[_StructureSet, str, str, list[str]]:
-    """Pick the RTSTRUCT to process: the newest; older ones on the same series are reported.
+    mode: str = "latest",
+) -> tuple[list[_StructureSet], str, str, list[str]]:
+    """Pick the RTSTRUCTs to process: the newest decides the image series; ``mode`` which of the
+    RTSTRUCTs on that series are processed.
 
-    Returns the chosen structure set, its image series UID, the reference rule and warnings. The
-    RTSTRUCTs not processed stay in the study's ``other_files``. When the chosen RTSTRUCT's
-    references name nothing received (:class:`UnresolvedReferencesError`), ``fallback`` (matching
-    by contour position) is asked for the series instead; its warning comes first.
+    ``latest``: the newest alone; older ones on the same series are reported as not used, and two
+    different RTSTRUCTs of the series that are equally new are refused (which one is current
+    cannot be told). ``each`` and ``merge``: every RTSTRUCT whose references resolve to that series
+    (by reference, or by contour position through ``fallback``), newest first; equally new ones
+    are all processed, so they are not refused here (``merge`` refuses them only where their ROI
+    names clash, see :func:`netrt.pipeline.merged_structure_sets`). In every mode a second copy of
+    an instance (same SOPInstanceUID) is ignored, and an RTSTRUCT on another image series is kept
+    in the study's ``other_files``, not processed, with a warning.
+
+    Returns the structure sets to process (newest first), the image series UID, the reference rule
+    of the newest and warnings. When the newest RTSTRUCT's references name nothing received
+    (:class:`UnresolvedReferencesError`), ``fallback`` (matching by contour position) is asked for
+    the series instead; its warning comes first.
 
     Raises:
-        StudyValidationError: the newest RTSTRUCT does not resolve, or two different RTSTRUCTs of
-            the same series are equally new (which one is current cannot be told).
+        StudyValidationError: the newest RTSTRUCT does not resolve, or (``latest``) two different
+            RTSTRUCTs of the same series are equally new.
     """
+    if mode not in STRUCTURE_SET_MODES:
+        raise ValueError(f"unknown structure set mode {mode!r}; known: {', '.join(STRUCTURE_SET_MODES)}")
     # newest first; among equals the first by path, so that the choice never depends on listing order
     by_path = sorted(structure_sets, key=lambda rs: str(rs.path))
     ranked = sorted(by_path, key=lambda rs: rs.rank, reverse=True)
@@ -275,39 +303,67 @@ def _choose_structure_set(
             raise
         series_uid, source, note = fallback(chosen, exc)
         warnings.append(note)
-    superseded: list[_StructureSet] = []
+    same_series: list[_StructureSet] = []
+    seen = {chosen.instance.sop_instance_uid: chosen}
     for other in ranked[1:]:
-        if other.instance.sop_instance_uid == chosen.instance.sop_instance_uid:
+        first = seen.get(other.instance.sop_instance_uid)
+        if first is not None:
             warnings.append(
-                f"{other.path.name} is another copy of RTSTRUCT {chosen.instance.sop_instance_uid} "
-                f"({chosen.path.name}); ignored"
+                f"{other.path.name} is another copy of RTSTRUCT {first.instance.sop_instance_uid} "
+                f"({first.path.name}); ignored"
             )
             continue
+        seen[other.instance.sop_instance_uid] = other
         try:
             other_series: str | None = _resolve_image_series(other, series)[0]
             why = f"it references image series {other_series}"
+        except UnresolvedReferencesError as exc:
+            other_series, why = None, f"its references do not resolve ({exc.reason})"
+            if fallback is not None and mode != "latest":
+                try:
+                    other_series, _, note = fallback(other, exc)
+                except StudyValidationError as again:
+                    why = f"its references do not resolve ({again.reason})"
+                else:
+                    why = f"its contours lie on image series {other_series}"
+                    if other_series == series_uid:
+                        warnings.append(note)
         except StudyValidationError as exc:
-            other_series = None
-            why = f"its references do not resolve ({exc.reason})"
+            other_series, why = None, f"its references do not resolve ({exc.reason})"
         if other_series == series_uid:
-            if other.rank == chosen.rank:
+            if mode == "latest" and other.rank == chosen.rank:
                 raise StudyValidationError(
                     f"RTSTRUCTs {chosen.path.name} and {other.path.name} both reference image series {series_uid} "
-                    "and are equally new (same StructureSetDate, StructureSetTime and InstanceNumber); cannot tell "
-                    "which one is current; keep only the current one in the study",
+                    "and are equally new (same StructureSetDate, StructureSetTime, InstanceCreationDate and "
+                    "InstanceCreationTime); cannot tell which one is current; keep only the current one in the study "
+                    "(or set processing.structure_sets to each or merge)",
                     path=chosen.path,
                     tag=_tag("StructureSetDate"),
                 )
-            superseded.append(other)
-        else:
+            same_series.append(other)
+        elif mode == "latest":
             warnings.append(
                 f"RTSTRUCT {other.path.name} is kept with the study but not processed: {why}, and one structure "
                 f"set per study is processed (the newest, {chosen.path.name})"
             )
-    if superseded:
+        else:
+            warnings.append(
+                f"RTSTRUCT {other.path.name} is kept with the study but not processed: {why}, and only the "
+                f"structure sets on image series {series_uid} are processed (that of the newest, {chosen.path.name})"
+            )
+    if same_series and mode == "latest":
         warnings.insert(
             0,
-            f"{len(superseded) + 1} RTSTRUCTs reference image series {series_uid}; using the newest, "
-            f"{chosen.describe_age()}; not used: {'; '.join(rs.describe_age() for rs in superseded)}",
+            f"{len(same_series) + 1} RTSTRUCTs reference image series {series_uid}; using the newest, "
+            f"{chosen.describe_age()}; not used: {'; '.join(rs.describe_age() for rs in same_series)}",
         )
-    return chosen, series_uid, source, warnings
+        return [chosen], series_uid, source, warnings
+    if same_series:
+        how = "each processed on its own" if mode == "each" else "their ROIs merged into one set"
+        warnings.insert(
+            0,
+            f"{len(same_series) + 1} RTSTRUCTs reference image series {series_uid}; {how} "
+            f"(processing.structure_sets: {mode}), newest first: "
+            f"{'; '.join(rs.describe_age() for rs in [chosen, *same_series])}",
+        )
+    return [chosen, *same_series], series_uid, source, warnings
