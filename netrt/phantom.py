@@ -25,7 +25,7 @@ import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,10 @@ class PhantomSpec:
     # not reference it): "shifted" on a grid half a slice spacing off the planning CT's slices,
     # "same_grid" on the planning CT's slice positions (like a second phase). Files CT2_*.dcm.
     registered_series: str = ""
+    # "legacy": the CT is written as one Legacy Converted Enhanced CT multi-frame file (CT_MF.dcm,
+    # frames converted by highdicom from the classic slices: same pixels, same positions) and the
+    # RTSTRUCT references its frames (ReferencedSOPInstanceUID + ReferencedFrameNumber).
+    multiframe: str = ""
 
     @property
     def slice_count(self) -> int:
@@ -308,6 +312,10 @@ def _content_problems(spec: PhantomSpec) -> list[str]:
     jitter = spec.off_plane_jitter_mm
     if not _finite_numbers((jitter,), 1) or not 0 <= jitter < spec.slice_spacing / 4:
         problems.append(f"PhantomSpec.off_plane_jitter_mm must be a number in [0, slice_spacing / 4), got {jitter!r}")
+    if spec.multiframe not in ("", "legacy"):
+        problems.append(f"PhantomSpec.multiframe must be '' or 'legacy', got {spec.multiframe!r}")
+    if spec.multiframe and spec.registered_series:
+        problems.append("PhantomSpec.multiframe and registered_series cannot be combined")
     if spec.registered_series not in ("", "shifted", "same_grid"):
         problems.append(
             f"PhantomSpec.registered_series must be '', 'shifted' or 'same_grid', got {spec.registered_series!r}"
@@ -765,6 +773,7 @@ _LATER_OPTIONS = {
     "contour_type": "CLOSED_PLANAR",
     "off_plane_jitter_mm": 0.0,
     "registered_series": "",
+    "multiframe": "",
 }
 
 
@@ -788,6 +797,9 @@ class _Uids:
     images: list[str]  # spatial order: what the CT files carry
     referenced_series: str = ""  # what the RTSTRUCT names (differs only for stale references)
     referenced_images: tuple[str, ...] = ()
+    # spec.multiframe: the frame of the multi-frame file holding spatial slice k (0: classic files)
+    referenced_frames: tuple[int, ...] = ()
+    referenced_class: str = CT_IMAGE_STORAGE
 
     @classmethod
     def for_spec(cls, spec: PhantomSpec) -> _Uids:
@@ -997,21 +1009,68 @@ def _write_registered_series(
     return files
 
 
-def _contour_image_item(sop_class: str, sop_instance: str) -> Dataset:
+def _contour_image_item(sop_class: str, sop_instance: str, frame: int = 0) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = sop_class
     item.ReferencedSOPInstanceUID = sop_instance
+    if frame:
+        item.ReferencedFrameNumber = frame
     return item
+
+
+def _frame_of(uids: _Uids, k: int) -> int:
+    return uids.referenced_frames[k] if uids.referenced_frames else 0
+
+
+def _write_multiframe_ct(
+    spec: PhantomSpec, geometry: PhantomGeometry, uids: _Uids, labels: npt.NDArray[np.uint8],
+    lut: npt.NDArray[np.int16], dicom_dir: Path,
+) -> tuple[Path, _Uids]:  # fmt: skip
+    """The CT as one Legacy Converted Enhanced CT file, ``CT_MF.dcm`` (``spec.multiframe``).
+
+    The classic slices are built exactly as :func:`_write_ct_series` builds them (same pixels and
+    noise, so the twin without ``multiframe`` has the same image) and converted by highdicom's
+    legacy converter; the returned UIDs make the RTSTRUCT reference the frames (the frame of each
+    slice is read back from the converter's ConversionSourceAttributesSequence).
+    """
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage  # about two seconds to import
+
+    rng = np.random.default_rng(spec.seed)
+    builder = _MODALITIES[spec.modality][1]
+    datasets = []
+    for k in range(labels.shape[0]):
+        noise = rng.normal(0.0, NOISE_SIGMA_HU, size=labels.shape[1:])
+        datasets.append(builder(spec, geometry, uids, k, _slice_pixels(labels[k], lut, noise)))
+    instance = _uid(spec, "multiframe-image")
+    converted = LegacyConvertedEnhancedCTImage(
+        datasets, series_instance_uid=uids.image_series, series_number=1, sop_instance_uid=instance, instance_number=1
+    )
+    frame_of_uid = {
+        str(item.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID): number
+        for number, item in enumerate(converted.PerFrameFunctionalGroupsSequence, 1)
+    }
+    frames = tuple(frame_of_uid[uid] for uid in uids.images)
+    path = dicom_dir / "CT_MF.dcm"
+    converted.save_as(path, enforce_file_format=True)
+    referenced = _uid(spec, "stale-multiframe-image") if spec.stale_references else instance
+    multiframe_uids = replace(
+        uids,
+        images=[instance] * len(uids.images),
+        referenced_images=(referenced,) * len(uids.images),
+        referenced_frames=frames,
+        referenced_class=str(converted.SOPClassUID),
+    )
+    return path, multiframe_uids
 
 
 def _referenced_frame(spec: PhantomSpec, uids: _Uids) -> Dataset:
     """ReferencedFrameOfReferenceSequence item listing every image of the series."""
-    sop_class = _MODALITIES[spec.modality][0]
-    order = sorted(range(spec.slice_count), key=lambda k: _instance_number(spec, k))
+    sop_class = uids.referenced_class
+    order = sorted(range(spec.slice_count), key=lambda k: _frame_of(uids, k) or _instance_number(spec, k))
     series = Dataset()
     series.SeriesInstanceUID = uids.referenced_series
     series.ContourImageSequence = DicomSequence(
-        [_contour_image_item(sop_class, uids.referenced_images[k]) for k in order]
+        [_contour_image_item(sop_class, uids.referenced_images[k], _frame_of(uids, k)) for k in order]
     )
     study = Dataset()
     study.ReferencedSOPClassUID = DETACHED_STUDY_MANAGEMENT
@@ -1062,7 +1121,7 @@ def _contour_item(points: FloatArray, number: int, image_item: Dataset, kind: st
 
 
 def _roi_contour_item(roi: RoiDefinition, geometry: PhantomGeometry, spec: PhantomSpec, uids: _Uids) -> Dataset:
-    sop_class = _MODALITIES[spec.modality][0]
+    sop_class = uids.referenced_class
     items: list[Dataset] = []
     # one generator per ROI, so the jitter of one ROI does not depend on the others
     rng = np.random.default_rng([spec.seed, roi.number])
@@ -1072,7 +1131,7 @@ def _roi_contour_item(roi: RoiDefinition, geometry: PhantomGeometry, spec: Phant
             if spec.off_plane_jitter_mm:
                 jitter = rng.uniform(-spec.off_plane_jitter_mm, spec.off_plane_jitter_mm, size=(len(points), 1))
                 points = points + jitter * normal
-            image_item = _contour_image_item(sop_class, uids.referenced_images[k])
+            image_item = _contour_image_item(sop_class, uids.referenced_images[k], _frame_of(uids, k))
             items.append(_contour_item(points, len(items) + 1, image_item, spec.contour_type))
     item = Dataset()
     item.ROIDisplayColor = list(roi.color)
@@ -1209,8 +1268,9 @@ def _prepare_out_dir(out_dir: Path) -> tuple[Path, Path]:
 def write_phantom(spec: PhantomSpec, out_dir: Path) -> PhantomManifest:
     """Write the CT series, RTSTRUCT, truth NIfTIs and manifest of ``spec`` under ``out_dir``.
 
-    Layout: ``dicom/`` (only DICOM: ``CT_0001.dcm``.. by InstanceNumber, ``RS.dcm``, and
-    ``CT2_0001.dcm``.. for ``spec.registered_series``),
+    Layout: ``dicom/`` (only DICOM: ``CT_0001.dcm``.. by InstanceNumber, or the one multi-frame
+    ``CT_MF.dcm`` for ``spec.multiframe``, ``RS.dcm``, and ``CT2_0001.dcm``.. for
+    ``spec.registered_series``),
     ``truth/<roi>.nii.gz``, ``phantom.json``.
     """
     validate_spec(spec)
@@ -1220,7 +1280,11 @@ def write_phantom(spec: PhantomSpec, out_dir: Path) -> PhantomManifest:
     rois = roi_definitions(spec)
     uids = _Uids.for_spec(spec)
     labels, truth_files, truths = _paint_truth(rois, geometry, truth_dir)
-    image_files = _write_ct_series(spec, geometry, uids, labels, _hu_lookup(rois), dicom_dir)
+    if spec.multiframe:
+        multiframe_file, uids = _write_multiframe_ct(spec, geometry, uids, labels, _hu_lookup(rois), dicom_dir)
+        image_files = [multiframe_file]
+    else:
+        image_files = _write_ct_series(spec, geometry, uids, labels, _hu_lookup(rois), dicom_dir)
     registered_files = _write_registered_series(spec, geometry, uids, labels, _hu_lookup(rois), dicom_dir)
     del labels
     rtstruct_file = dicom_dir / RTSTRUCT_NAME

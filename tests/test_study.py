@@ -464,12 +464,24 @@ def test_missing_geometry_tag_named(phantom: PhantomManifest) -> None:
     assert error.tag == "(0020,0032) ImagePositionPatient"
 
 
-def test_multiframe_sop_class_refused_by_name(phantom: PhantomManifest) -> None:
+def test_unsupported_multiframe_sop_class_refused_by_name(phantom: PhantomManifest) -> None:
+    odd = phantom.image_files[3]
+    edit(odd, lambda ds: setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.130"))  # Enhanced PET
+    error = load_expecting(StudyValidationError, phantom.out_dir / "dicom")
+    assert error.path == odd
+    assert "Enhanced PET Image Storage is not an image class NETRT can stack" in str(error)
+    assert "Legacy Converted Enhanced CT Image Storage" in str(error)  # the supported classes are listed
+
+
+def test_enhanced_sop_class_without_functional_groups_is_refused_naming_the_tag(phantom: PhantomManifest) -> None:
+    """Issue 18 item 3: an Enhanced CT is read from its functional groups; a classic slice merely
+    relabelled as one has none, and the refusal names the file and the tag (more cases:
+    tests/test_enhanced_multiframe.py)."""
     odd = phantom.image_files[3]
     edit(odd, lambda ds: setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.2.1"))  # Enhanced CT
     error = load_expecting(StudyValidationError, phantom.out_dir / "dicom")
     assert error.path == odd
-    assert "Enhanced CT Image Storage" in str(error)
+    assert error.tag == "(0028,0008) NumberOfFrames"
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,18 @@ from netrt.study._common import (
 )
 from netrt.study.discovery import _read_dataset
 from netrt.study.model import ImageSeries
+from netrt.study.multiframe import decode_frames
 
 
-def _check_pixel_data(ds: Dataset, path: Path, rows: int, columns: int) -> None:
-    """Pixel data present, long enough (native syntaxes) and with a decoder installed."""
+def _check_pixel_data(ds: Dataset, path: Path, rows: int, columns: int, frames: int = 1) -> None:
+    """Pixel data present, long enough (native syntaxes) and with a decoder installed.
+
+    ``frames`` > 1: an enhanced multi-frame image of that many frames (its NumberOfFrames was
+    read with its functional groups); otherwise the image must be a single frame.
+    """
     if _PIXEL_DATA_TAG not in ds:
         raise StudyValidationError("image has no pixel data", path=path, tag=TAG_PIXEL_DATA)
-    if ds.get("NumberOfFrames") not in (None, ""):
+    if frames == 1 and ds.get("NumberOfFrames") not in (None, ""):
         frames = int(_numbers(ds, "NumberOfFrames", 1, path)[0])
         if frames != 1:
             raise StudyValidationError(
@@ -93,13 +99,28 @@ def _check_pixel_data(ds: Dataset, path: Path, rows: int, columns: int) -> None:
         return
     bits = int(_numbers(ds, "BitsAllocated", 1, path)[0])
     length = elem.length if isinstance(elem, RawDataElement) else len(ds.PixelData)
-    needed = rows * columns * (bits // 8)
+    needed = rows * columns * (bits // 8) * frames
     if bits >= 8 and length < needed:
+        of_frames = f" in each of {frames} frames" if frames > 1 else ""
         raise StudyValidationError(
-            f"pixel data has {length} bytes, {rows}x{columns} pixels of {bits} bits need {needed}",
+            f"pixel data has {length} bytes, {rows}x{columns} pixels of {bits} bits{of_frames} need {needed}",
             path=path,
             tag=TAG_PIXEL_DATA,
         )
+
+
+def _check_decodes(path: Path, rows: int, columns: int, sop_instance_uid: str, frame_number: int = 0) -> None:
+    """Decode one received slice (a classic file, or frame ``frame_number`` of a multi-frame file) to
+    prove it can be.
+
+    Raises:
+        DicomInputError: it cannot be decoded or is not the validated instance (named).
+    """
+    if frame_number:
+        for _ in decode_frames(path, sop_instance_uid, [frame_number], rows, columns):
+            pass
+    else:
+        _decode_slice(path, rows, columns, sop_instance_uid)
 
 
 def _decode_slice(path: Path, rows: int, columns: int, sop_instance_uid: str) -> npt.NDArray[Any]:
@@ -173,6 +194,25 @@ def _image_difference(first: Path, second: Path) -> str:
     return ", ".join(differing)
 
 
+def _received_values(series: ImageSeries) -> Iterator[tuple[int, npt.NDArray[Any]]]:
+    """(grid slice, values in modality units) of every received slice, one slice in memory at a time.
+
+    Classic slices come in spatial order; the frames of a multi-frame file in frame order (each
+    file decoded once, frame by frame: decoding it per slice would read it once per frame).
+    """
+    rows, columns = series.geometry.shape[1:]
+    if not series.is_multiframe:
+        for k, path, sop_uid in zip(series.slice_indices, series.files, series.sop_instance_uids, strict=True):
+            yield k, _decode_slice(path, rows, columns, sop_uid)
+        return
+    by_file: dict[int, dict[int, int]] = {}
+    for f, number, k in zip(series.slice_files, series.frame_numbers, series.slice_indices, strict=True):
+        by_file.setdefault(f, {})[number] = k
+    for f, grid in sorted(by_file.items()):
+        for number, values in decode_frames(series.files[f], series.sop_instance_uids[f], sorted(grid), rows, columns):
+            yield grid[number], values
+
+
 def read_image_volume(series: ImageSeries) -> FloatArray32:
     """The whole grid as float32 ``[slice, row, col]`` in modality units, in spatial order.
 
@@ -192,8 +232,8 @@ def read_image_volume(series: ImageSeries) -> FloatArray32:
     """
     slices, rows, columns = series.geometry.shape
     volume = np.empty((slices, rows, columns), dtype=np.float32)
-    for k, path, sop_uid in zip(series.slice_indices, series.files, series.sop_instance_uids, strict=True):
-        volume[k] = _decode_slice(path, rows, columns, sop_uid)
+    for k, values in _received_values(series):
+        volume[k] = values
     for k in series.missing_slices:
         below, above = series.received_neighbours(k)
         weight = (k - below) / (above - below)
@@ -244,8 +284,7 @@ def read_source_image(series: ImageSeries) -> sitk.Image:
         if count:
             image[:, :, start : start + count] = _sitk.GetImageFromArray(buffer[:count])
 
-    for k, path, sop_uid in zip(series.slice_indices, series.files, series.sop_instance_uids, strict=True):
-        values = _decode_slice(path, rows, columns, sop_uid)
+    for k, values in _received_values(series):
         exact = _exact_int16(values) if compact else None
         if compact and exact is None:  # first value int16 cannot hold: float32 from here on
             compact = False
@@ -380,7 +419,14 @@ def read_cross_sections(series: ImageSeries, slice_index: int, row_index: int, c
     frames: dict[int, FloatArray32] = {}
     coronal = np.empty((slices, columns), dtype=np.float32)
     sagittal = np.empty((slices, rows), dtype=np.float32)
-    for k, path, sop_uid in zip(series.slice_indices, series.files, series.sop_instance_uids, strict=True):
+    native_slices = not series.is_multiframe
+    classic = zip(series.slice_indices, series.files, series.sop_instance_uids, strict=True) if native_slices else ()
+    for k, values in [] if native_slices else _received_values(series):  # multi-frame: decoded frame by frame
+        coronal[k] = values[row_index]
+        sagittal[k] = values[:, column_index]
+        if k in wanted:
+            frames[k] = values.astype(np.float32)
+    for k, path, sop_uid in classic:
         native = _read_native_frame(path, rows, columns, sop_uid)
         if native is None:
             values = _decode_slice(path, rows, columns, sop_uid)

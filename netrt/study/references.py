@@ -45,7 +45,7 @@ from netrt.study._common import (
     _unique,
 )
 from netrt.study.discovery import _Instance, _read_dataset
-from netrt.study.stack import _image_members, _read_slice
+from netrt.study.stack import _image_members, _read_slices, _Slice
 from netrt.study.structure_set import UnresolvedReferencesError, _items, _StructureSet
 
 #: A contour matches a slice when every one of its points lies within this fraction of the slice
@@ -96,6 +96,60 @@ def _check_frames(rs: _StructureSet, series_uid: str, frame: str, first_image: P
             "their contours may not line up"
         ]
     return []
+
+
+def _check_referenced_frames(rs: _StructureSet, slices: list[_Slice]) -> None:
+    """Every ReferencedFrameNumber the RTSTRUCT gives for a multi-frame image must be a frame of it.
+
+    A contour image of an enhanced image is named by ReferencedSOPInstanceUID plus
+    ReferencedFrameNumber (or by the SOP instance alone, which is allowed: the contours are placed
+    by position). A frame number the file does not hold means the RTSTRUCT was drawn on another
+    version of the image (one with more frames), so the study is refused, naming the RTSTRUCT,
+    the tag, the instance and the frame.
+
+    Raises:
+        DicomInputError: the RTSTRUCT cannot be read again.
+        StudyValidationError: a referenced frame is not in the image.
+    """
+    frames: dict[str, set[int]] = {}
+    for s in slices:
+        if s.frame_number:
+            frames.setdefault(s.sop_instance_uid, set()).add(s.frame_number)
+    ds: Dataset = _read_dataset(rs.path, defer_large_values=False)
+    items: list[Dataset] = []
+    for frame_item in _items(ds, "ReferencedFrameOfReferenceSequence"):
+        for study_item in _items(frame_item, "RTReferencedStudySequence"):
+            for series_item in _items(study_item, "RTReferencedSeriesSequence"):
+                items.extend(_items(series_item, "ContourImageSequence"))
+    for roi_item in _items(ds, "ROIContourSequence"):
+        for contour in _items(roi_item, "ContourSequence"):
+            items.extend(_items(contour, "ContourImageSequence"))
+    for item in items:
+        sop = _text(item, "ReferencedSOPInstanceUID")
+        if sop not in frames or item.get("ReferencedFrameNumber") in (None, ""):
+            continue
+        value = item.ReferencedFrameNumber
+        numbers = list(value) if isinstance(value, list | tuple) or hasattr(value, "__iter__") else [value]
+        try:
+            wanted = [int(n) for n in numbers]
+        except (TypeError, ValueError) as exc:
+            raise StudyValidationError(
+                f"ReferencedFrameNumber {value!r} of image {sop} is not a frame number",
+                path=rs.path,
+                tag=TAG_CONTOUR_FRAMES,
+            ) from exc
+        absent = [n for n in wanted if n not in frames[sop]]
+        if absent:
+            raise StudyValidationError(
+                f"references frame(s) {_listed([str(n) for n in absent])} of multi-frame image {sop}, which holds "
+                f"frames 1..{max(frames[sop])}; the structure set was drawn on another version of the image",
+                path=rs.path,
+                tag=TAG_CONTOUR_FRAMES,
+            )
+
+
+#: Where an RTSTRUCT names a frame of a multi-frame image.
+TAG_CONTOUR_FRAMES = _tag("ROIContourSequence", "ContourSequence", "ContourImageSequence", "ReferencedFrameNumber")
 
 
 @dataclass(frozen=True)
@@ -180,7 +234,7 @@ class _Fit:
 
 def _fit(series_uid: str, members: list[_Instance], contours: list[_Contour]) -> _Fit:
     """Check every contour against the received slices of one series (headers only)."""
-    slices = [_read_slice(inst) for inst in members]
+    slices = [s for inst in members for s in _read_slices(inst)]  # an enhanced image: one per frame
     orientation = slices[0].orientation
     try:
         _, _, normal = orientation_vectors(orientation)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from pydicom.dataset import Dataset
 
 from netrt.errors import StudyValidationError
 from netrt.geometry import (
@@ -36,6 +37,7 @@ from netrt.study._common import (
     _uid_name,
 )
 from netrt.study.discovery import _Instance, _read_dataset
+from netrt.study.multiframe import ENHANCED_SOP_CLASSES, is_enhanced, read_frame_geometry
 from netrt.study.pixels import _check_pixel_data, _image_difference
 
 
@@ -54,9 +56,58 @@ class _Slice:
     columns: int
     pixel_spacing: tuple[float, float]
     slice_thickness: float | None
+    frame_number: int = 0  # 1-based frame of an enhanced multi-frame file; 0 for a classic slice
+
+    @property
+    def name(self) -> str:
+        """How messages name the slice: the file, and the frame of a multi-frame file."""
+        return f"{self.path.name} frame {self.frame_number}" if self.frame_number else self.path.name
 
 
-def _read_slice(instance: _Instance) -> _Slice:
+def _read_slices(instance: _Instance) -> list[_Slice]:
+    """The slices one image file holds: itself (classic), or each frame of an enhanced image.
+
+    Raises:
+        DicomInputError: unreadable or truncated file.
+        StudyValidationError: unsupported SOP class, missing or malformed geometry tags or
+            functional groups, no pixel data (each naming the file, tag and frame).
+    """
+    ds = _read_dataset(instance.path, defer_large_values=True)
+    if is_enhanced(_text(ds, "SOPClassUID")):
+        return _read_frames(instance, ds)
+    return [_read_slice(instance, ds)]
+
+
+def _read_frames(instance: _Instance, ds: Dataset) -> list[_Slice]:
+    """Each frame of an enhanced multi-frame image as one slice (see :mod:`netrt.study.multiframe`)."""
+    path = instance.path
+    rows = int(_numbers(ds, "Rows", 1, path)[0])
+    columns = int(_numbers(ds, "Columns", 1, path)[0])
+    frames = read_frame_geometry(ds, path)
+    frame = _text(ds, "FrameOfReferenceUID")
+    if not frame:
+        raise StudyValidationError("required attribute is missing or empty", path=path, tag=TAG_FRAME)
+    _check_pixel_data(ds, path, rows, columns, frames=len(frames))
+    return [
+        _Slice(
+            path=path,
+            sop_instance_uid=instance.sop_instance_uid,
+            sop_class_uid=_text(ds, "SOPClassUID"),
+            modality=_text(ds, "Modality").upper(),
+            frame_of_reference_uid=frame,
+            position=f.position,
+            orientation=f.orientation,
+            rows=rows,
+            columns=columns,
+            pixel_spacing=f.pixel_spacing,
+            slice_thickness=f.slice_thickness,
+            frame_number=f.frame_number,
+        )
+        for f in frames
+    ]
+
+
+def _read_slice(instance: _Instance, ds: Dataset | None = None) -> _Slice:
     """Read and check the header of one image slice (pixel data deferred, not decoded).
 
     Raises:
@@ -65,12 +116,13 @@ def _read_slice(instance: _Instance) -> _Slice:
             data (each naming the file and tag).
     """
     path = instance.path
-    ds = _read_dataset(path, defer_large_values=True)
+    if ds is None:
+        ds = _read_dataset(path, defer_large_values=True)
     sop_class = _text(ds, "SOPClassUID")
     if sop_class not in IMAGE_SOP_CLASSES:
         raise StudyValidationError(
-            f"SOP class {_uid_name(sop_class) if sop_class else '(none)'} is not a single-frame image class NETRT can "
-            f"stack (supported: {', '.join(IMAGE_SOP_CLASSES.values())})",
+            f"SOP class {_uid_name(sop_class) if sop_class else '(none)'} is not an image class NETRT can "
+            f"stack (supported: {', '.join([*IMAGE_SOP_CLASSES.values(), *ENHANCED_SOP_CLASSES.values()])})",
             path=path,
             tag=_tag("SOPClassUID"),
         )
@@ -111,10 +163,15 @@ def _check_same_frame(slices: list[_Slice], series_uid: str) -> str:
     odd = [s for s in slices if s.frame_of_reference_uid != majority]
     raise StudyValidationError(
         f"image series {series_uid} mixes frames of reference: {counts[majority]} files in {majority}, "
-        f"{len(odd)} elsewhere ({_listed([f'{s.path.name}: {s.frame_of_reference_uid}' for s in odd])})",
+        f"{len(odd)} elsewhere ({_listed([f'{s.name}: {s.frame_of_reference_uid}' for s in odd])})",
         path=odd[0].path,
         tag=TAG_FRAME,
     )
+
+
+def _frame(s: _Slice) -> str:
+    """``frame N: `` for a frame of a multi-frame file (its path alone does not say which), else ""."""
+    return f"frame {s.frame_number}: " if s.frame_number else ""
 
 
 def _check_same_plane(slices: list[_Slice]) -> None:
@@ -123,7 +180,7 @@ def _check_same_plane(slices: list[_Slice]) -> None:
     for s in slices[1:]:
         if s.sop_class_uid != first.sop_class_uid:
             raise StudyValidationError(
-                f"SOP class {_uid_name(s.sop_class_uid)} differs from {first.path.name}'s "
+                f"{_frame(s)}SOP class {_uid_name(s.sop_class_uid)} differs from {first.name}'s "
                 f"{_uid_name(first.sop_class_uid)} in the same series",
                 path=s.path,
                 tag=_tag("SOPClassUID"),
@@ -131,20 +188,21 @@ def _check_same_plane(slices: list[_Slice]) -> None:
         difference = float(np.max(np.abs(np.subtract(s.orientation, first.orientation))))
         if difference > ORIENTATION_MATCH_TOLERANCE:
             raise StudyValidationError(
-                f"orientation {list(s.orientation)} differs from {first.path.name}'s {list(first.orientation)} by "
-                f"up to {difference:.3g} (tolerance {ORIENTATION_MATCH_TOLERANCE}); a series must have one orientation",
+                f"{_frame(s)}orientation {list(s.orientation)} differs from {first.name}'s {list(first.orientation)} "
+                f"by up to {difference:.3g} (tolerance {ORIENTATION_MATCH_TOLERANCE}); a series must have one "
+                "orientation",
                 path=s.path,
                 tag=TAG_IOP,
             )
         if (s.rows, s.columns) != (first.rows, first.columns):
             raise StudyValidationError(
-                f"{s.rows}x{s.columns} pixels, but {first.path.name} has {first.rows}x{first.columns}",
+                f"{_frame(s)}{s.rows}x{s.columns} pixels, but {first.name} has {first.rows}x{first.columns}",
                 path=s.path,
                 tag=f"{_tag('Rows')}, {_tag('Columns')}",
             )
         if float(np.max(np.abs(np.subtract(s.pixel_spacing, first.pixel_spacing)))) > PIXEL_SPACING_MATCH_TOLERANCE_MM:
             raise StudyValidationError(
-                f"pixel spacing {list(s.pixel_spacing)} mm differs from {first.path.name}'s "
+                f"{_frame(s)}pixel spacing {list(s.pixel_spacing)} mm differs from {first.name}'s "
                 f"{list(first.pixel_spacing)} mm",
                 path=s.path,
                 tag=_tag("PixelSpacing"),
@@ -220,8 +278,7 @@ def _grid(slices: list[_Slice], series_uid: str) -> _Grid:
         on_grid = _grid_indices(along, report)
         if on_grid is None:
             where = "; ".join(
-                f"slice {gap.index} = {ordered[gap.index].path.name}, slice {gap.index + 1} = "
-                f"{ordered[gap.index + 1].path.name}"
+                f"slice {gap.index} = {ordered[gap.index].name}, slice {gap.index + 1} = {ordered[gap.index + 1].name}"
                 for gap in report.irregular[:3]
             )
             path = ordered[report.irregular[0].index + 1].path if report.irregular else first.path
@@ -259,8 +316,8 @@ def _check_gaps(
         lacking = int(indices[k + 1] - indices[k]) - 1
         before, after = ordered[k], ordered[k + 1]
         gap = (
-            f"gap of {float(along[k + 1] - along[k]):.3f} mm between {before.path.name} at {float(along[k]):.3f} mm "
-            f"and {after.path.name} at {float(along[k + 1]):.3f} mm along the slice normal"
+            f"gap of {float(along[k + 1] - along[k]):.3f} mm between {before.name} at {float(along[k]):.3f} mm "
+            f"and {after.name} at {float(along[k + 1]):.3f} mm along the slice normal"
         )
         if lacking > MAX_MISSING_SLICES_PER_GAP:
             too_large.append(f"{gap}: {lacking} slices missing")
@@ -299,6 +356,26 @@ def _grid_positions(
     grid = np.arange(int(indices[-1]) + 1, dtype=np.float64)
     out: FloatArray64 = np.column_stack([np.interp(grid, indices, moved[:, axis]) for axis in range(3)])
     return out
+
+
+def _instances(
+    ordered: list[_Slice],
+) -> tuple[tuple[Path, ...], tuple[str, ...], tuple[int, ...], tuple[int, ...]]:
+    """Files, SOP instance UIDs, slice files and frame numbers of :class:`ImageSeries` for sorted slices.
+
+    Classic slices: one file per slice, no slice files or frame numbers. Frames of multi-frame
+    files: each file once (in the order its first frame comes), and per slice its file's index
+    and its frame number.
+    """
+    if not any(s.frame_number for s in ordered):
+        return tuple(s.path for s in ordered), tuple(s.sop_instance_uid for s in ordered), (), ()
+    index: dict[Path, int] = {}
+    uids: list[str] = []
+    for s in ordered:
+        if s.path not in index:
+            index[s.path] = len(index)
+            uids.append(s.sop_instance_uid)
+    return tuple(index), tuple(uids), tuple(index[s.path] for s in ordered), tuple(s.frame_number for s in ordered)
 
 
 def _image_members(instances: list[_Instance]) -> tuple[list[_Instance], list[str]]:
