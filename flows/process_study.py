@@ -68,9 +68,11 @@ from netrt.pipeline import (
     content_key,
     files_fingerprint,
     pass_through_step,
+    plan_structure_sets,
     preview_step,
     result_files_intact,
-    settings_key,
+    structure_set_files,
+    structure_set_sentences,
     study_fingerprint,
     travelling_files,
     write_output,
@@ -145,9 +147,9 @@ def _scrubbed_errors() -> Iterator[None]:
 
 
 @task(name="validate", persist_result=False)  # holds the received (identifiable) headers: never stored
-def validate(study_dir: str, study_instance_uid: str | None) -> tuple[LoadedStudy, str]:
+def validate(study_dir: str, study_instance_uid: str | None, structure_sets: str = "latest") -> tuple[LoadedStudy, str]:
     with _scrubbed_errors():
-        study = load_found_study(Path(study_dir), study_instance_uid)
+        study = load_found_study(Path(study_dir), study_instance_uid, structure_sets)
         return study, study_fingerprint(study)
 
 
@@ -386,7 +388,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None) -> dict[st
     with run.timed("validate"):
         try:
             original, fingerprint = validate.with_options(retries=config.retries.validate_)(
-                str(source), study_instance_uid
+                str(source), study_instance_uid, config.processing.structure_sets
             )
         except NoStructureSetError:
             if config.processing.images_without_rtstruct != "pass_through":
@@ -423,37 +425,48 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None) -> dict[st
         )
     study = anonymized.study if anonymization.enabled else original
     # What was received (files set aside or unreadable), not what the anonymized copies show.
-    report.warnings += run.scrubbed(original.warnings, [*original.images.files, original.rtstruct_file])
+    received_files = [*original.images.files, *structure_set_files(original)]
+    report.warnings += run.scrubbed(original.warnings, received_files)
 
-    mask_key = content_key("mask", anon_key, settings_key(config.processing))
-    keyed_work = work / mask_key[:12]
+    # One part per structure set with `each` (its own masks and series), else the study itself.
+    parts = plan_structure_sets(study, anon_key, config.processing)
     with run.timed("extract-masks") as timing:
-        masks = run.cached_call(
+        part_masks = run.cached_map(
             extract_masks,
             timing,
             result_files_intact,
-            study=study,
-            processing=config.processing,
-            work_dir=str(keyed_work),
-            cache_key=mask_key,
+            [
+                {
+                    "study": part.study,
+                    "processing": config.processing,
+                    "work_dir": str(work / part.key[:12]),
+                    "cache_key": part.key,
+                }
+                for part in parts
+            ],
+            one_at_a_time=lambda _: True,  # each holds a mask of the whole grid
         )
     spacing = study.images.geometry.spacing
-    colors = {info.number: info.color for info in masks.roi_infos}
-    report.rois = roi_rows(masks.rois, colors, float(spacing[0] * spacing[1] * spacing[2]))
-    report.warnings += list(masks.warnings)
+    for part, masks in zip(parts, part_masks, strict=True):
+        colors = {info.number: info.color for info in masks.roi_infos}
+        rows = roi_rows(masks.rois, colors, float(spacing[0] * spacing[1] * spacing[2]))
+        report.rois += [{**row, "name": part.prefix + row["name"]} for row in rows]
+        report.warnings += [part.prefix + w for w in run.scrubbed(masks.warnings, received_files)]
+    report.structure_sets = run.scrubbed(structure_set_sentences(study), received_files)
 
     with run.timed("write") as timing:
         calls = [
             {
-                "study": study,
+                "study": part.study,
                 "masks": masks,
                 "kind": kind,
                 "plane": plane,
-                "label": output_label(kind, plane),
+                "label": output_label(kind, plane) + part.suffix,
                 "processing": config.processing,
-                "work_dir": str(keyed_work),
-                "cache_key": content_key("write", mask_key, kind, plane, shaping_settings(config.processing)),
+                "work_dir": str(work / part.key[:12]),
+                "cache_key": content_key("write", part.key, kind, plane, shaping_settings(config.processing)),
             }
+            for part, masks in zip(parts, part_masks, strict=True)
             for kind, plane in output_calls(config.processing)
         ]
         # Axial series run beside the rest; everything else one after the other, because each
@@ -467,45 +480,55 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None) -> dict[st
             one_at_a_time=lambda call: call["plane"] != "axial",
             progress=_Progress("series written"),
         )
-        written = [series for call_series in per_call for series in call_series]
+        labelled = [
+            (call["label"], series) for call, call_series in zip(calls, per_call, strict=True) for series in call_series
+        ]
+        written = [series for _, series in labelled]
     report.series = [
         {
             "kind": s.kind,
-            "label": output_label(s.kind, s.plane),
+            "label": label,
             "plane": s.plane,
             "burn_in": s.burn_in,
             "series_instance_uid": s.series_instance_uid,
             "instances": len(s.files),
         }
-        for s in written
+        for label, s in labelled
     ]
     report.warnings += list(dict.fromkeys(note for s in written for note in s.notes))  # once, not per plane
-    with run.timed("preview") as timing:
+    with run.timed("preview") as timing:  # of the newest structure set with `each`
         report.preview_path = str(
             run.cached_call(
                 preview,
                 timing,
                 result_files_intact,
-                study=study,
-                masks=masks,
-                path=str(keyed_work / "preview.png"),
+                study=parts[0].study,
+                masks=part_masks[0],
+                path=str(work / parts[0].key[:12] / "preview.png"),
                 disclaimer=config.processing.disclaimer,
-                cache_key=content_key("preview", mask_key, config.processing.disclaimer),
+                cache_key=content_key("preview", parts[0].key, config.processing.disclaimer),
             ).path
         )
-    run.record("processed", counts={output_label(s.kind, s.plane): len(s.files) for s in written})
+    run.record(
+        "processed",
+        counts={label: len(s.files) for label, s in labelled},
+        structure_sets=[info.sop_instance_uid for info in study.structure_sets],
+    )
 
     made: dict[str, list[Path]] = {}
     for series in written:
         made.setdefault(series.kind, []).extend(series.files)
-    made["source"] = [*study.images.files, study.rtstruct_file, *anonymized.forwarded]
+    made["source"] = [*study.images.files, *structure_set_files(study), *anonymized.forwarded]
     with run.timed("deliver"):
         _deliver_all(run, route_files(config.effective_destinations(), made))
     return {
         "study_instance_uid": report.study,
-        "rois_kept": masks.kept,
-        "rois_ignored": masks.ignored,
-        "mask_voxels": masks.voxel_count,
+        "rois_kept": [part.prefix + name for part, masks in zip(parts, part_masks, strict=True) for name in masks.kept],
+        "rois_ignored": [
+            part.prefix + name for part, masks in zip(parts, part_masks, strict=True) for name in masks.ignored
+        ],
+        "mask_voxels": sum(masks.voxel_count for masks in part_masks),
+        "structure_sets": report.structure_sets,
         "warnings": report.warnings,
         "series": report.series,
         "destinations": report.destinations,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +25,28 @@ import SimpleITK as sitk
 from pydicom import dcmread
 
 from netrt import __version__
-from netrt.anonymize import anonymize_study
+from netrt.anonymize import anonymize_study, map_uid
 from netrt.config import AnonymizationConfig, ProcessingConfig
+from netrt.errors import StudyValidationError
 from netrt.masks import (
     BoolArray,
     MergedMask,
+    RoiContours,
     RoiReport,
-    build_merged_mask,
     ignored_names,
     kept_names,
     load_mask,
+    merge_rois,
+    read_structure_set,
     save_mask,
+    selection_reason,
 )
 from netrt.outputs.base import STUDY, OutputContext, WrittenSeries, output_kind
 from netrt.outputs.rois import RoiBox, RoiInfo, read_roi_infos, save_roi_boxes
 from netrt.preview import Preview, preview_study
 from netrt.settings import PLANE_NUMBER, kind_settings_key, settings_key
 from netrt.stamps import FileStamp, files_unchanged, stamp_file, stamp_files
-from netrt.study import ImageSeries, ImagesOnlyStudy, LoadedStudy, load_study
+from netrt.study import ImageSeries, ImagesOnlyStudy, LoadedStudy, StructureSetInfo, load_study
 
 # SimpleITK's SWIG functions carry no annotations; an Any handle keeps mypy --strict quiet without
 # scattering ignores (the same device as in netrt.geometry and netrt.reformat).
@@ -151,6 +155,153 @@ def fill_missing_mask_slices(mask: npt.NDArray[np.bool_], series: ImageSeries) -
     return filled
 
 
+# --- several structure sets (processing.structure_sets) ------------------------------------------
+
+
+def structure_set_studies(study: LoadedStudy) -> list[LoadedStudy]:
+    """The studies outputs are made from: with ``each``, one per structure set (newest first), each
+    with that RTSTRUCT alone; otherwise the study itself (``latest``: one RTSTRUCT; ``merge``:
+    all of them, merged by :func:`compute_mask`)."""
+    if study.structure_set_mode != "each" or len(study.structure_sets) < 2:
+        return [study]
+    return [
+        replace(study, rtstruct_file=info.path, rtstruct_sop_instance_uid=info.sop_instance_uid, structure_sets=(info,))
+        for info in study.structure_sets
+    ]
+
+
+@dataclass(frozen=True)
+class StructureSetPart:
+    """One run of the mask and output steps: the study with the structure set(s) it is made from,
+    the content key of its steps (its work folder is named by the key's start), and with ``each``
+    the structure set's name, which prefixes its ROIs and warnings and suffixes its step labels."""
+
+    study: LoadedStudy
+    key: str
+    name: str = ""
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}: " if self.name else ""
+
+    @property
+    def suffix(self) -> str:
+        return f" [{self.name}]" if self.name else ""
+
+
+def plan_structure_sets(study: LoadedStudy, anonymize_key: str, processing: ProcessingConfig) -> list[StructureSetPart]:
+    """The parts of a run (:func:`structure_set_studies`) with their content keys.
+
+    Without ``each`` the one part's key is the mask key NETRT always used, so cached results of
+    ``latest`` runs stay valid; with ``each`` the structure set's SOPInstanceUID enters each key.
+    """
+    base = content_key("mask", anonymize_key, settings_key(processing))
+    studies = structure_set_studies(study)
+    if study.structure_set_mode != "each":
+        return [StructureSetPart(studies[0], base)]
+    return [
+        StructureSetPart(part, content_key(base, part.rtstruct_sop_instance_uid), part.structure_sets[0].name)
+        for part in studies
+    ]
+
+
+def structure_set_sentences(study: LoadedStudy) -> list[str]:
+    """One sentence per structure set the run processed, for the run summary (file names as
+    received: scrub them like the loader's warnings)."""
+    return [
+        f"{info.age}, StructureSetLabel {info.label or '-'}, SOPInstanceUID {info.sop_instance_uid}"
+        for info in study.structure_sets
+    ]
+
+
+def structure_set_files(study: LoadedStudy) -> list[Path]:
+    """Every RTSTRUCT file the study's outputs are made from (``rtstruct_file`` first)."""
+    return list(dict.fromkeys([study.rtstruct_file, *(info.path for info in study.structure_sets)]))
+
+
+def _name_key(name: str) -> str:
+    """ROI names are the same ROI when equal without case and surrounding spaces ('PTV ' is 'ptv')."""
+    return name.strip().casefold()
+
+
+def _describe(info: StructureSetInfo) -> str:
+    return info.age + (f" labelled {info.label!r}" if info.label else "")
+
+
+@dataclass(frozen=True)
+class MergedStructureSets:
+    """The ROIs of several structure sets as one set, renumbered 1..n (newest structure set's
+    first, each in its RTSTRUCT's order); ``origins`` maps each new number to (structure set, the
+    ROINumber there); ``superseded`` reports the ROIs dropped for a newer one of the same name."""
+
+    rois: tuple[RoiContours, ...]
+    origins: dict[int, tuple[StructureSetInfo, int]]
+    superseded: tuple[RoiReport, ...]
+    warnings: tuple[str, ...]
+
+
+def merged_structure_sets(study: LoadedStudy, processing: ProcessingConfig) -> MergedStructureSets:
+    """``processing.structure_sets: merge``: the ROIs of every structure set on the series as one set.
+
+    Structure sets are taken newest first (:attr:`StructureSetInfo.rank`). An ROI whose name (without
+    case and surrounding spaces) a newer structure set already holds is dropped: the newer
+    delineation is the current one, as ``latest`` would have it for the whole set. When it would be
+    kept (``include_rois`` / ``ignore_rois``) the run summary names the ROI and both files; when the
+    two structure sets are equally new there is no current one, and the study is refused naming
+    both. An ROI the patterns drop anyway is dropped silently: its clash changes no output.
+
+    Raises:
+        StudyValidationError: two equally new structure sets hold a kept ROI of the same name.
+    """
+    include, ignore = processing.include_rois, processing.ignore_rois
+    rois: list[RoiContours] = []
+    origins: dict[int, tuple[StructureSetInfo, int]] = {}
+    taken: dict[str, tuple[StructureSetInfo, str]] = {}
+    superseded: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    for info in study.structure_sets:
+        for roi in read_structure_set(info.path):
+            key = _name_key(roi.name)
+            kept = selection_reason(roi.name, include, ignore)[0]
+            if key in taken:
+                newer, newer_name = taken[key]
+                if not kept:
+                    continue
+                if newer.rank == info.rank:
+                    raise StudyValidationError(
+                        f"ROI {roi.name!r} of RTSTRUCT {_describe(info)} and ROI {newer_name!r} of RTSTRUCT "
+                        f"{_describe(newer)} have the same name and the structure sets are equally new; cannot tell "
+                        "which delineation is current (processing.structure_sets: merge); keep one of them, rename "
+                        "the ROI, or drop it with processing.ignore_rois",
+                        path=info.path,
+                        tag="(3006,0026) ROIName",
+                    )
+                warnings.append(
+                    f"ROI {roi.name!r} is in RTSTRUCT {_describe(info)} and, as {newer_name!r}, in the newer "
+                    f"{_describe(newer)}; the newer one's is used (processing.structure_sets: merge)"
+                )
+                superseded.append((roi.name, f"superseded by ROI {newer_name!r} of the newer {newer.file_name}"))
+                continue
+            taken[key] = (info, roi.name)
+            number = len(rois) + 1
+            origins[number] = (info, roi.number)
+            rois.append(replace(roi, number=number))
+    reports = tuple(
+        RoiReport(len(rois) + index, name, False, reason) for index, (name, reason) in enumerate(superseded, 1)
+    )
+    return MergedStructureSets(tuple(rois), origins, reports, tuple(warnings))
+
+
+def _merged_roi_infos(merged: MergedStructureSets, kept: list[RoiReport]) -> list[RoiInfo]:
+    """Names, colours and types of the kept merged ROIs, each read from its own RTSTRUCT."""
+    infos: list[RoiInfo] = []
+    for report in kept:
+        info, number = merged.origins[report.number]
+        (roi_info,) = read_roi_infos(info.path, [(number, report.name)])
+        infos.append(replace(roi_info, number=report.number))
+    return infos
+
+
 def compute_mask(study: LoadedStudy, processing: ProcessingConfig, work_dir: Path) -> MaskStepResult:
     """Rasterise the kept ROIs on the image grid; store the merged mask and each ROI's own under
     ``work_dir``.
@@ -165,18 +316,25 @@ def compute_mask(study: LoadedStudy, processing: ProcessingConfig, work_dir: Pat
     def keep(report: RoiReport, mask: BoolArray) -> None:
         boxes[report.number] = RoiBox.of(fill_missing_mask_slices(mask, study.images))
 
-    merged: MergedMask = build_merged_mask(
-        study.rtstruct_file, study.images.geometry, processing.include_rois, processing.ignore_rois, keep
-    )
+    include, ignore = processing.include_rois, processing.ignore_rois
+    if study.structure_set_mode == "merge" and len(study.structure_sets) > 1:
+        several = merged_structure_sets(study, processing)
+        merged: MergedMask = merge_rois(several.rois, study.images.geometry, include, ignore, keep)
+        merged = MergedMask(merged.mask, (*merged.rois, *several.superseded))
+        infos = _merged_roi_infos(several, [r for r in merged.rois if r.kept])
+        warnings = [*several.warnings, *merged.warnings]
+    else:
+        merged = merge_rois(read_structure_set(study.rtstruct_file), study.images.geometry, include, ignore, keep)
+        infos = read_roi_infos(study.rtstruct_file, [(r.number, r.name) for r in merged.rois if r.kept])
+        warnings = merged.warnings
     mask = fill_missing_mask_slices(merged.mask, study.images)
     key = settings_key(processing)
     mask_path = save_mask(mask, work_dir / f"mask-{key}.npz")
     roi_path = save_roi_boxes(boxes, work_dir / f"rois-{key}.npz")
-    infos = read_roi_infos(study.rtstruct_file, [(r.number, r.name) for r in merged.rois if r.kept])
     return MaskStepResult(
         mask_path,
         merged.rois,
-        tuple(merged.warnings),
+        tuple(warnings),
         int(mask.sum()),
         stamp_file(mask_path),
         roi_path,
@@ -226,6 +384,8 @@ def study_fingerprint(study: LoadedStudy) -> str:
     digest = hashlib.sha256(__version__.encode("ascii"))
     pairs = [*zip(study.images.sop_instance_uids, study.images.files, strict=True)]
     pairs.append((study.rtstruct_sop_instance_uid, study.rtstruct_file))
+    # each / merge: the other structure sets too (latest: none, so its fingerprint is as it was)
+    pairs += [(info.sop_instance_uid, info.path) for info in study.structure_sets if info.path != study.rtstruct_file]
     for sop_uid, path in pairs:
         with path.open("rb") as handle:
             file_digest = hashlib.file_digest(handle, "sha256").hexdigest()
@@ -305,13 +465,15 @@ def anonymize_step(
     ``forwarded``.
     """
     extra = travelling_files(study) if forward else []
-    files = [*study.images.files, study.rtstruct_file, *extra]
+    files = [*_study_files(study), *extra]
     anonymized = anonymize_study(files, out_dir, anonymization, secret)
     if not anonymization.enabled:
         return AnonymizeStepResult(
             study, None, anonymized.actions, stamp_files(_study_files(study)), tuple(extra), stamp_files(extra)
         )
-    copies = load_study(list(anonymized.files))
+    copies = _same_structure_sets(
+        study, load_study(list(anonymized.files), study.structure_set_mode), anonymization, secret
+    )
     own = set(_study_files(copies))
     forwarded = [path for path in anonymized.files if path not in own]
     return AnonymizeStepResult(
@@ -325,7 +487,38 @@ def anonymize_step(
 
 
 def _study_files(study: LoadedStudy) -> list[Path]:
-    return [*study.images.files, study.rtstruct_file]
+    return [*study.images.files, *structure_set_files(study)]
+
+
+def _same_structure_sets(
+    study: LoadedStudy, copies: LoadedStudy, anonymization: AnonymizationConfig, secret: bytes
+) -> LoadedStudy:
+    """The anonymized copies with the structure sets in the received study's order and ranks.
+
+    Full mode removes or shifts the dates that rank structure sets, so the copies alone could no
+    longer tell which is newest (``merge`` needs it for ROIs of the same name). Each copy keeps
+    its own path and label (anonymized) and takes the received one's rank, age and file name (the
+    name is scrubbed with every warning, like the loader's).
+    """
+    if len(study.structure_sets) < 2:
+        return copies
+    full = anonymization.mode == "full"
+    by_uid = {info.sop_instance_uid: info for info in copies.structure_sets}
+    ordered = []
+    for info in study.structure_sets:
+        copy = by_uid.get(map_uid(info.sop_instance_uid, secret) if full else info.sop_instance_uid)
+        if copy is None:
+            raise StudyValidationError(
+                f"the anonymized copy of RTSTRUCT {info.file_name} is not among the copies' structure sets",
+                path=info.path,
+            )
+        ordered.append(replace(copy, rank=info.rank, age=info.age, file_name=info.file_name))
+    return replace(
+        copies,
+        rtstruct_file=ordered[0].path,
+        rtstruct_sop_instance_uid=ordered[0].sop_instance_uid,
+        structure_sets=tuple(ordered),
+    )
 
 
 def result_files_intact(result: object) -> bool:

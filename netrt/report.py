@@ -32,6 +32,8 @@ class StudyReport:
     destinations: list[dict[str, Any]] = field(default_factory=list)
     stages: list[StageTiming] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # one sentence per RTSTRUCT processed (processing.structure_sets: several with each / merge)
+    structure_sets: list[str] = field(default_factory=list)
     preview_path: str | None = None
     failed_stage: str | None = None
     error: str | None = None
@@ -47,6 +49,7 @@ class StudyReport:
             "destinations": self.destinations,
             "stages": [{"stage": s.stage, "seconds": round(s.seconds, 3), "cached": s.cached} for s in self.stages],
             "warnings": self.warnings,
+            "structure_sets": self.structure_sets,
             "preview_path": self.preview_path,
             "failed_stage": self.failed_stage,
             "error": self.error,
@@ -119,6 +122,8 @@ def render_markdown(report: StudyReport) -> str:
         if report.quarantine_id:
             lines += [f"Quarantined as `{report.quarantine_id}`: `netrt quarantine show {report.quarantine_id}`.", ""]
     lines += [f"Anonymization: {report.anonymization}.", ""]
+    if report.structure_sets:
+        lines += ["## Structure sets processed", ""] + [f"- {_cell(s)}" for s in report.structure_sets] + [""]
     if report.rois:
         lines += [
             "## ROIs",
@@ -138,12 +143,15 @@ def render_markdown(report: StudyReport) -> str:
         lines += [
             "## Series written",
             "",
-            "| output | plane | instances | SeriesInstanceUID |",
-            "| --- | --- | ---: | --- |",
+            "| output | plane | step | instances | SeriesInstanceUID |",
+            "| --- | --- | --- | ---: | --- |",
         ]
         for series in report.series:
             kind = series.get("kind", "burn_in" if series["burn_in"] else "overlay")
-            lines.append(f"| {kind} | {series['plane']} | {series['instances']} | `{series['series_instance_uid']}` |")
+            lines.append(
+                f"| {kind} | {series['plane']} | {_cell(series.get('label', ''))} | {series['instances']} "
+                f"| `{series['series_instance_uid']}` |"
+            )
         lines.append("")
     if report.destinations:
         lines += [

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from netrt.config import ProcessingConfig
 from netrt.outputs.rois import RoiInfo
+from netrt.settings import kind_settings_key
 from netrt.stamps import FileStamp
 from netrt.study import LoadedStudy
 
@@ -34,6 +35,29 @@ class OutputContext:
     rois: tuple[RoiInfo, ...]
     processing: ProcessingConfig
     work_dir: Path
+
+    def settings_key(self, kind: str, *options: object) -> str:
+        """The key a kind derives its UIDs from (:func:`netrt.settings.kind_settings_key`).
+
+        With ``processing.structure_sets: each`` the structure set's SOPInstanceUID enters it, so the
+        series made from each RTSTRUCT on the image series get UIDs of their own, stable across runs.
+        """
+        return kind_settings_key(self.processing, kind, *options, *_structure_set_parts(self.study))
+
+    def describe(self, description: str) -> str:
+        """A SeriesDescription (before a kind's own suffix) naming the structure set with ``each``:
+        ``NETRT axial overlay [PLAN_B]``; the structure set's name survives the 64-character cut."""
+        parts = _structure_set_parts(self.study)
+        if not parts:
+            return description[:64]
+        suffix = f" [{self.study.structure_sets[0].name}]"[:64]
+        return description[: 64 - len(suffix)].rstrip() + suffix
+
+
+def _structure_set_parts(study: LoadedStudy) -> tuple[str, ...]:
+    if study.structure_set_mode != "each" or len(study.structure_sets) != 1:
+        return ()
+    return ("structure-set", study.structure_sets[0].sop_instance_uid)
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ from netrt.outputs.rois import RoiBox, RoiInfo, load_roi_box
 from netrt.outputs.text import Annotation, composite, render_annotation
 from netrt.overlay import SliceWriter, output_instance_uid
 from netrt.reformat import PLANES, MaskField, plane_geometry, prepare_mask, prepare_source, reformat_slabs
-from netrt.settings import PLANE_NUMBER, kind_settings_key
+from netrt.settings import PLANE_NUMBER
 from netrt.stamps import stamp_files
 from netrt.study import LoadedStudy, read_source_image
 from netrt.uids import derived_uid
@@ -449,11 +449,11 @@ SERIES_NUMBER_OFFSET = 20
 
 def _write_kind(context: OutputContext, plane: str) -> list[WrittenSeries]:
     processing = context.processing
-    key = kind_settings_key(processing, "color", processing.disclaimer, processing.color_fill_opacity)
+    key = context.settings_key("color", processing.disclaimer, processing.color_fill_opacity)
     settings = ColorSettings(
         settings_key=key,
         series_number=processing.series_number_base + SERIES_NUMBER_OFFSET + PLANE_NUMBER[plane],
-        series_description=f"{processing.series_description.replace('{plane}', plane)} colour"[:64],
+        series_description=f"{context.describe(processing.series_description.replace('{plane}', plane))} colour"[:64],
         disclaimer=processing.disclaimer,
         fill_opacity=processing.color_fill_opacity,
         reformat_spacing_mm=processing.reformat_spacing_mm,

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from netrt.config import ProcessingConfig
 from netrt.masks import load_mask
 from netrt.outputs.base import OutputContext, OutputKind, WrittenSeries
 from netrt.outputs.rois import RoiBox, RoiInfo, load_roi_box
@@ -31,7 +30,7 @@ from netrt.overlay import (
     write_reformatted_slabs,
 )
 from netrt.reformat import MaskField, plane_geometry, prepare_mask, prepare_source, reformat_slabs
-from netrt.settings import PLANE_NUMBER, kind_settings_key
+from netrt.settings import PLANE_NUMBER
 from netrt.stamps import stamp_files
 from netrt.study import LoadedStudy, read_source_image
 
@@ -40,10 +39,11 @@ BURN_IN_NUMBER_OFFSET = 10
 
 
 def series_settings(
-    processing: ProcessingConfig, plane: str, roi_names: list[str], burn_in: bool, layer_labels: tuple[str, ...] = ()
+    context: OutputContext, plane: str, roi_names: list[str], burn_in: bool, layer_labels: tuple[str, ...] = ()
 ) -> SeriesSettings:
     """SeriesDescription, SeriesNumber, overlay label and UID key of one overlay or burn-in series."""
-    description = processing.series_description.replace("{plane}", plane)
+    processing = context.processing
+    description = context.describe(processing.series_description.replace("{plane}", plane))
     number = processing.series_number_base + PLANE_NUMBER[plane]
     if burn_in:
         description = f"{description} burn-in"[:64]
@@ -53,8 +53,8 @@ def series_settings(
         description=description[:64],
         series_number=number,
         roi_label=label[:64],
-        settings_key=kind_settings_key(
-            processing, "overlay", processing.overlay_groups, *([processing.disclaimer] if burn_in else [])
+        settings_key=context.settings_key(
+            "overlay", processing.overlay_groups, *([processing.disclaimer] if burn_in else [])
         ),
         layer_labels=layer_labels,
         disclaimer=processing.disclaimer if burn_in else "",
@@ -113,7 +113,7 @@ def write_overlay_series(context: OutputContext, plane: str, burn_in: bool) -> l
     names = [roi.name for roi in context.rois]
     per_roi = processing.overlay_groups == "per_roi"
     groups, labels, notes = overlay_layers(context.rois) if per_roi else ([], (), ())
-    settings = series_settings(processing, plane, names, burn_in, labels)
+    settings = series_settings(context, plane, names, burn_in, labels)
     folder = context.work_dir / "series" / f"{plane}{'-burn-in' if burn_in else ''}"
     output = SeriesOutput(folder, settings, burn_in)
     mask = load_mask(context.merged_mask)

@@ -96,7 +96,6 @@ from netrt.errors import DicomInputError, NetrtError, RoiError
 from netrt.fileio import atomic_output, fsync_dir
 from netrt.outputs.base import OutputContext, OutputKind, WrittenSeries
 from netrt.outputs.rois import RoiBox, RoiInfo, load_roi_box
-from netrt.settings import kind_settings_key
 from netrt.stamps import stamp_files
 from netrt.study import LoadedStudy
 from netrt.uids import checked_uid, derived_uid
@@ -346,7 +345,7 @@ SERIES_NUMBER_OFFSET = 30
 
 def _write_kind(context: OutputContext, plane: str) -> list[WrittenSeries]:
     processing = context.processing
-    key = kind_settings_key(processing, "seg")
+    key = context.settings_key("seg")
     folder = context.work_dir / "series" / "seg"
     files = write_seg(
         context.study,
@@ -355,6 +354,7 @@ def _write_kind(context: OutputContext, plane: str) -> list[WrittenSeries]:
         folder,
         key,
         series_number=processing.series_number_base + SERIES_NUMBER_OFFSET,
+        series_description=context.describe(DEFAULT_SERIES_DESCRIPTION),
     )
     series_uid = seg_series_uid(context.study.images.series_instance_uid, key)
     return [WrittenSeries(plane, False, series_uid, folder, tuple(files), stamp_files(files), "seg")]

@@ -180,11 +180,16 @@ class StructureSetInfo:
     label: str  # StructureSetLabel ("" when absent)
     age: str
     rank: tuple[str, float, str, float]
+    file_name: str  # of the received file (anonymized copies keep it: warnings name what was received)
 
     @property
     def name(self) -> str:
-        """How the run summary and the written series name it: its StructureSetLabel, else its file."""
-        return self.label or self.path.stem
+        """How written series name it: its StructureSetLabel, else the end of its SOPInstanceUID.
+
+        Never the file name, which may be a received UID (the listener names files so) that must
+        not reach a written header in full anonymization mode.
+        """
+        return self.label or f"RS {self.sop_instance_uid[-8:]}"
 
 
 @dataclass(frozen=True)

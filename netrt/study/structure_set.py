@@ -92,7 +92,9 @@ class _StructureSet:
 
     def info(self) -> StructureSetInfo:
         """The public description of this structure set (:class:`netrt.study.StructureSetInfo`)."""
-        return StructureSetInfo(self.path, self.instance.sop_instance_uid, self.label, self.describe_age(), self.rank)
+        return StructureSetInfo(
+            self.path, self.instance.sop_instance_uid, self.label, self.describe_age(), self.rank, self.path.name
+        )
 
 
 def _items(ds: Dataset, keyword: str) -> list[Dataset]:
