@@ -62,6 +62,7 @@ from netrt.errors import DicomInputError, NetrtError
 from netrt.geometry import ImageGeometry
 from netrt.outputs.text import disclaimer_masks
 from netrt.reformat import PLANES, PlaneSlab, PlaneVolume
+from netrt.study.classic import ClassicFrames
 from netrt.uids import checked_uid, derived_uid
 
 BoolArray = npt.NDArray[np.bool_]
@@ -449,8 +450,17 @@ def write_axial_series(
     settings: SeriesSettings,
     burn_in: bool = False,
     layers: Callable[[int], Sequence[BoolArray]] | None = None,
+    frame_numbers: Sequence[int] = (),
 ) -> list[Path]:
     """Write the axial overlay series: each source slice again, with ``mask[k]`` as its overlay.
+
+    ``frame_numbers`` (one per source slice, 1-based; empty for classic files) are the frames of
+    enhanced multi-frame sources: ``source_files[k]`` then repeats the multi-frame file, and slice
+    ``k`` is written as a classic single-frame CT/MR image of frame ``frame_numbers[k]``
+    (:class:`netrt.study.classic.ClassicFrames`: its position, orientation, spacing and rescale,
+    the stored values unchanged but uncompressed) whose SourceImageSequence names the source
+    instance and frame. Outputs are single-frame because viewers draw overlays on single frames
+    more reliably.
 
     With per-ROI overlay groups (``settings.layer_labels``), ``layers(k)`` gives the masks of
     file ``k``, one per group in label order, and the merged ``mask`` only feeds the burn-in.
@@ -470,6 +480,9 @@ def write_axial_series(
     if not files:
         raise ValueError("no source files given")
     masks = _check_mask(mask, len(files), "source files")
+    if frame_numbers and len(frame_numbers) != len(files):
+        raise ValueError(f"{len(frame_numbers)} frame numbers for {len(files)} source slices")
+    multiframe: dict[Path, ClassicFrames] = {}
     _check_layers(settings, layers is not None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -477,7 +490,12 @@ def write_axial_series(
     source_series = ""
     series_uid = ""
     for index, path in enumerate(files):
-        ds = _read(path, pixels=True)
+        frame = frame_numbers[index] if frame_numbers else 0
+        if frame:
+            source = multiframe.get(path) or multiframe.setdefault(path, ClassicFrames(path))
+            ds = source.frame(frame, pixels=True)
+        else:
+            ds = _read(path, pixels=True)
         this_series = str(_required(ds, "SeriesInstanceUID", path))
         if index == 0:
             source_series = this_series
@@ -515,6 +533,8 @@ def write_axial_series(
         source_item = Dataset()
         source_item.ReferencedSOPClassUID = sop_class
         source_item.ReferencedSOPInstanceUID = source_instance
+        if frame:
+            source_item = multiframe[path].reference(frame)
         ds.SourceImageSequence = DicomSequence([source_item])
         instance_uid = output_instance_uid(series_uid, index)
         ds.file_meta = _file_meta(sop_class, instance_uid, transfer_syntax)
@@ -526,11 +546,20 @@ def write_axial_series(
 
 
 def _reformat_template(
-    template_file: Path, plane: str, geometry: ImageGeometry, settings: SeriesSettings, burn_in: bool
+    template_file: Path,
+    plane: str,
+    geometry: ImageGeometry,
+    settings: SeriesSettings,
+    burn_in: bool,
+    template_frame: int = 0,
 ) -> tuple[Dataset, _PixelFormat, str]:
-    """The dataset every slice of a reformatted series starts from, its pixel format and series UID."""
+    """The dataset every slice of a reformatted series starts from, its pixel format and series UID.
+
+    ``template_frame`` > 0: the template is that frame of an enhanced multi-frame file, as a
+    classic single-frame image (:class:`netrt.study.classic.ClassicFrames`).
+    """
     path = Path(template_file)
-    ds = _read(path, pixels=False)
+    ds = ClassicFrames(path).frame(template_frame, pixels=False) if template_frame else _read(path, pixels=False)
     fmt = _PixelFormat.of(ds, path)
     sop_class = str(_required(ds, "SOPClassUID", path))
     source_series = str(_required(ds, "SeriesInstanceUID", path))
@@ -704,13 +733,15 @@ def write_reformatted_slabs(
     slabs: Iterable[PlaneSlab],
     template_file: Path,
     outputs: Sequence[SeriesOutput],
+    template_frame: int = 0,
 ) -> list[list[Path]]:
     """Write coronal or sagittal overlay series slab by slab, as :func:`netrt.reformat.reformat_slabs` yields them.
 
     Each slab is written (to every series in ``outputs``, e.g. plain and burn-in) before the next
     is asked for, so the reformatted volume is never held. The files are those of
     :func:`write_reformatted_series` (see there) for the same values. Returns the written files of
-    each output, in slice order.
+    each output, in slice order. ``template_frame`` > 0 takes the template from that frame of an
+    enhanced multi-frame ``template_file`` (the series is classic single-frame either way).
 
     Raises:
         NetrtError: ``plane`` is axial (write that with :func:`write_axial_series`).
@@ -727,7 +758,9 @@ def write_reformatted_slabs(
     for output in outputs:
         if output.settings.layer_labels:
             _check_layers(output.settings, True)
-        ds, fmt, series_uid = _reformat_template(Path(template_file), plane, geometry, output.settings, output.burn_in)
+        ds, fmt, series_uid = _reformat_template(
+            Path(template_file), plane, geometry, output.settings, output.burn_in, template_frame
+        )
         empty = [np.zeros((rows, columns), bool)] * len(output.settings.groups)
         _set_slice(ds, series_uid, 0, geometry.origin, np.zeros((rows, columns), fmt.dtype), empty)
         out_dir = Path(output.out_dir)

@@ -34,14 +34,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from pydicom import dcmread
 
-from netrt.errors import DicomInputError, RoiError
+from netrt.errors import RoiError
 from netrt.fileio import atomic_output
 from netrt.outputs.color import Window, draw_slice, series_window, window_to_grey
 from netrt.outputs.rois import RoiBox, RoiInfo, load_roi_box
 from netrt.outputs.text import Annotation, Box, composite, render_annotation
 from netrt.study import CrossSections, ImageSeries, read_cross_sections
+from netrt.study.classic import SourceHeaders
 
 BoolArray = npt.NDArray[np.bool_]
 UInt8Array = npt.NDArray[np.uint8]
@@ -333,10 +333,7 @@ def preview_study(
             raise RoiError(roi.name, f"mask of grid shape {box.shape} in {roi_masks} is not on the image grid")
         boxes.append(box)
     cuts = read_cross_sections(series, *mask_middle(boxes, geometry.shape))
-    try:
-        header = dcmread(series.files[0], stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises several unrelated types on damaged files
-        raise DicomInputError(f"cannot read DICOM file: {exc}", path=series.files[0]) from exc
+    header = SourceHeaders(series).header(0)  # a frame of a multi-frame source: its own window
     values = np.concatenate([cuts.axial.ravel(), cuts.coronal.ravel(), cuts.sagittal.ravel()])
     window = series_window(header, series.modality, values)
     invert = str(header.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"

@@ -50,9 +50,7 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 from highdicom.sc import SCImage
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
@@ -69,6 +67,7 @@ from netrt.reformat import PLANES, MaskField, plane_geometry, prepare_mask, prep
 from netrt.settings import PLANE_NUMBER
 from netrt.stamps import stamp_files
 from netrt.study import LoadedStudy, read_source_image
+from netrt.study.classic import SourceHeaders
 from netrt.uids import derived_uid
 
 _sitk: Any = sitk
@@ -244,13 +243,6 @@ def _orientation_letters(direction: npt.NDArray[np.float64]) -> str:
     return "".join(letters)
 
 
-def _read_header(path: Path) -> Dataset:
-    try:
-        return dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise DicomInputError(f"cannot read DICOM file: {exc}", path=path) from exc
-
-
 def _lo(text: str) -> str:
     clean = "".join(" " if ord(c) < 32 else c for c in text).replace("\\", "/").strip()
     return clean if len(clean) <= _LO_MAX else clean[: _LO_MAX - 3].rstrip() + "..."
@@ -384,14 +376,15 @@ def write_color_series(
     target = plane_geometry(geometry, plane, settings.reformat_spacing_mm)  # a bad spacing fails before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = _read_header(series.files[0])
+    headers = SourceHeaders(series)  # a frame of a multi-frame source as a classic single-frame image
+    source = headers.header(0)
     series_uid = color_series_uid(series.series_instance_uid, plane, settings.settings_key)
     invert = str(source.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
 
     image = read_source_image(series)
     volume = _sitk.GetArrayViewFromImage(image)  # a view; ``image`` stays referenced below
     window = series_window(source, series.modality, volume)
-    sc = _template(source, series.files[0], plane, target, settings, series_uid, window, [r.name for r in rois])
+    sc = _template(source, headers.slices[0].path, plane, target, settings, series_uid, window, [r.name for r in rois])
     _, rows, columns = target.shape
     annotation = render_annotation(rows, columns, [(r.name, r.color) for r in rois], settings.disclaimer)
     opacity = float(settings.fill_opacity)
@@ -400,17 +393,12 @@ def write_color_series(
     writer = _LazyWriter(sc, plane, out_dir)
     if plane == "axial":
         boxes = [_roi_box(roi_masks, roi, geometry.shape) for roi in rois]  # boxes only: ROIs are small
-        for index, (k, path, sop_uid) in enumerate(
-            zip(series.slice_indices, series.files, series.sop_instance_uids, strict=True)
-        ):
-            header = source if index == 0 else _read_header(path)
+        for index, k in enumerate(series.slice_indices):
+            header = source if index == 0 else headers.header(index)
             for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness"):
                 if keyword in header:
                     setattr(sc, keyword, header[keyword].value)
-            reference = Dataset()
-            reference.ReferencedSOPClassUID = series.sop_class_uid
-            reference.ReferencedSOPInstanceUID = sop_uid
-            sc.SourceImageSequence = DicomSequence([reference])
+            sc.SourceImageSequence = DicomSequence([headers.reference(index)])
             drawn = draw_slice(
                 window_to_grey(volume[k], window, invert),
                 [(r.color, b.slice_at(k)) for r, b in zip(rois, boxes, strict=True)],

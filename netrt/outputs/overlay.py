@@ -126,7 +126,16 @@ def write_overlay_series(context: OutputContext, plane: str, burn_in: bool) -> l
         def layers(index: int) -> list[BoolArray]:
             return [_slice_of(group, received[index]) for group in boxes]
 
-        files = write_axial_series(study.images.files, rows, folder, settings, burn_in, layers if per_roi else None)
+        slices = study.images.received_slices()
+        files = write_axial_series(
+            [s.path for s in slices],
+            rows,
+            folder,
+            settings,
+            burn_in,
+            layers if per_roi else None,
+            [s.frame_number for s in slices] if study.images.is_multiframe else (),
+        )
     else:
         # Streamed: the mask is reduced to its bounding box's distance map before the source image
         # is read, the image is read once into SimpleITK, and each slab is written before the next
@@ -137,8 +146,9 @@ def write_overlay_series(context: OutputContext, plane: str, burn_in: bool) -> l
         fields = [_field_of(group, study) for group in boxes]
         source = prepare_source(read_source_image(study.images), mask_field, geometry, fields)
         target = plane_geometry(geometry, plane, processing.reformat_spacing_mm)
+        first = study.images.received_slices()[0]  # the template; a frame of a multi-frame file as classic
         (files,) = write_reformatted_slabs(
-            plane, target, reformat_slabs(source, target), study.images.files[0], [output]
+            plane, target, reformat_slabs(source, target), first.path, [output], first.frame_number
         )
     series_uid = output_series_uid(study.images.series_instance_uid, plane, settings.settings_key, burn_in)
     kind = "burn_in" if burn_in else "overlay"

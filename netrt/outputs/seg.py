@@ -9,7 +9,10 @@ references); this module only decides what goes into it.
 Decisions, and why:
 
 * **What the SEG references.** The received (anonymized, when configured) axial source images
-  and nothing else: only slices that were received exist on the receiving side, so a missing grid
+  (for an enhanced multi-frame source, its frames: one SEG frame per source frame with content,
+  each naming ReferencedSOPInstanceUID + ReferencedFrameNumber; highdicom takes exactly one
+  multi-frame source image, so a series split over several multi-frame files gets no SEG, with
+  the reason) and nothing else: only slices that were received exist on the receiving side, so a missing grid
   slice is never referenced. Each frame's DerivationImageSequence names its own source image;
   SourceImageSequence and ReferencedSeriesSequence list every received image. Only headers are
   read (``stop_before_pixels``): highdicom needs the geometry and identity, not the pixels.
@@ -271,15 +274,28 @@ def write_seg(
         names = ", ".join(repr(r.name) for r in rois)
         raise RoiError("(all)", f"every kept ROI ({names}) is empty on the received slices; a SEG needs a frame")
     first, last = int(np.argmax(touched)), len(touched) - 1 - int(np.argmax(touched[::-1]))
+    if images.is_multiframe:
+        if len(images.files) != 1:
+            raise NetrtError(
+                f"image series {images.series_instance_uid} is split over {len(images.files)} multi-frame files; "
+                "a SEG references one multi-frame source image, so no SEG is written for it"
+            )
+        # one multi-frame source: segmentation frame i is source frame i + 1 (highdicom's rule), all frames
+        first, last = 0, len(received) - 1
+        position = [n - 1 for n in images.frame_numbers]  # received slice -> its frame's index
+    else:
+        position = [i - first for i in range(len(received))]
 
-    # Pass 2: the stacked segments over the run of received slices that holds any frame.
+    # Pass 2: the stacked segments over the run of received slices (frames) that holds any frame.
     stack = np.zeros((last - first + 1, grid[1], grid[2], len(rois)), dtype=bool)
     for index, roi in enumerate(rois):
         box = _roi_box(roi_masks, roi, grid)
         for i, row in _received_rows(box, received):
-            stack[i - first, box.box[1], box.box[2], index] = box.mask[row]
+            stack[position[i], box.box[1], box.box[2], index] = box.mask[row]
 
     headers = [_read_header(path) for path in images.files]
+    if images.is_multiframe:
+        first, last = 0, 0  # the one multi-frame image is the source; its frames are the SEG's references
     try:
         rtstruct = dcmread(study.rtstruct_file, stop_before_pixels=True)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:

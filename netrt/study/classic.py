@@ -32,6 +32,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from netrt.errors import DicomInputError
 from netrt.study._common import TAG_PIXEL_DATA, _tag, _text
+from netrt.study.model import ImageSeries
 from netrt.study.multiframe import CLASSIC_SOP_CLASS, MR_IMAGE_STORAGE, PER_FRAME, SHARED, frame_count
 
 #: Top-level attributes of the enhanced IODs that a classic CT/MR image does not have (multi-frame
@@ -56,6 +57,8 @@ _ENHANCED_ONLY = (
     "AcquisitionContrast",
     "PresentationLUTShape",
     "SourceImageEvidenceSequence",
+    "ReferencedSeriesSequence",  # Common Instance Reference: it names the converter's source instances
+    "StudiesContainingOtherReferencedInstancesSequence",
     "ReferencedImageEvidenceSequence",
     "AcquisitionDateTime",
     "AcquisitionDuration",
@@ -238,3 +241,43 @@ class ClassicFrames:
 def classic_frame_header(path: Path, frame_number: int) -> Dataset:
     """The header (no pixels) of frame ``frame_number`` of an enhanced file as a classic image."""
     return ClassicFrames(path).frame(frame_number, pixels=False)
+
+
+class SourceHeaders:
+    """Headers (no pixels) of a series' received slices as classic single-frame images, and the
+    SourceImageSequence item naming each: what an output writer copies per slice.
+
+    A classic slice's header is its own file's; a frame's is built by :class:`ClassicFrames` (each
+    multi-frame file's header read once). ``index`` is the position in
+    :meth:`ImageSeries.received_slices` (spatial order).
+    """
+
+    def __init__(self, series: ImageSeries) -> None:
+        self.series = series
+        self.slices = series.received_slices()
+        self._frames: dict[Path, ClassicFrames] = {}
+
+    def _source(self, path: Path) -> ClassicFrames:
+        if path not in self._frames:
+            self._frames[path] = ClassicFrames(path)
+        return self._frames[path]
+
+    def header(self, index: int) -> Dataset:
+        """Raises DicomInputError: the file is unreadable (named)."""
+        received = self.slices[index]
+        if received.frame_number:
+            return self._source(received.path).frame(received.frame_number, pixels=False)
+        try:
+            return dcmread(received.path, stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises several unrelated types on damaged files
+            raise DicomInputError(f"cannot read DICOM file: {exc}", path=received.path) from exc
+
+    def reference(self, index: int) -> Dataset:
+        """ReferencedSOPClassUID, ReferencedSOPInstanceUID and, for a frame, ReferencedFrameNumber."""
+        received = self.slices[index]
+        item = Dataset()
+        item.ReferencedSOPClassUID = self.series.sop_class_uid
+        item.ReferencedSOPInstanceUID = received.sop_instance_uid
+        if received.frame_number:
+            item.ReferencedFrameNumber = received.frame_number
+        return item

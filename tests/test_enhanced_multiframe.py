@@ -1,0 +1,414 @@
+"""Issue 18 item 3: Enhanced multi-frame images read as a slice stack; derived outputs classic single-frame.
+
+The phantom writes its CT as one Legacy Converted Enhanced CT file (``PhantomSpec.multiframe``,
+highdicom's legacy converter) beside a classic twin with the same pixels and positions; the
+RTSTRUCT references frames (ReferencedSOPInstanceUID + ReferencedFrameNumber). Every output is
+checked against the analytic truth (as tests/test_process.py does), against the twin bit for bit
+where that is the claim, and against dciodvfy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from netrt.config import ProcessingConfig
+from netrt.errors import StudyValidationError
+from netrt.masks import load_mask
+from netrt.outputs.rois import load_roi_mask
+from netrt.phantom import PhantomManifest, PhantomSpec, write_phantom
+from netrt.pipeline import compute_mask, write_output
+from netrt.study import LoadedStudy, load_found_study, read_image_volume
+
+from .conftest import free_port, require_shared, require_tool
+from .overlay_check import score_series
+
+SHAPES = ["sphere", "box", "hollow_sphere", "torus"]
+SPEC = PhantomSpec(rows=96, columns=80, pixel_spacing=(2.0, 2.0), slice_spacing=2.0, reverse_order=True)
+LEGACY_CT = "1.2.840.10008.5.1.4.1.1.2.2"
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    tool = require_tool("dciodvfy")
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory: pytest.TempPathFactory) -> tuple[PhantomManifest, PhantomManifest]:
+    root = tmp_path_factory.mktemp("twins")
+    multiframe = write_phantom(replace(SPEC, multiframe="legacy"), root / "multiframe")
+    classic = write_phantom(SPEC, root / "classic")
+    return multiframe, classic
+
+
+@pytest.fixture(scope="module")
+def outputs(twins: tuple[PhantomManifest, PhantomManifest], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every output kind and plane written for the multi-frame phantom (and its masks for the twin)."""
+    multiframe, classic = twins
+    processing = ProcessingConfig(outputs=["overlay", "burn_in", "color", "seg"])
+    work = tmp_path_factory.mktemp("work")
+    study = load_found_study(multiframe.out_dir / "dicom")
+    twin = load_found_study(classic.out_dir / "dicom")
+    masks = compute_mask(study, processing, work / "multiframe")
+    twin_masks = compute_mask(twin, processing, work / "classic")
+    written: dict[tuple[str, str], list[Path]] = {}
+    for kind in ("overlay", "burn_in", "color"):
+        for plane in ("axial", "coronal", "sagittal"):
+            for series in write_output(study, masks, kind, plane, processing, work / "multiframe"):
+                written[(kind, plane)] = list(series.files)
+    (seg,) = write_output(study, masks, "seg", "study", processing, work / "multiframe")
+    written[("seg", "study")] = list(seg.files)
+    return {"study": study, "twin": twin, "masks": masks, "twin_masks": twin_masks, "written": written}
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def test_the_multiframe_file_loads_as_the_same_stack_as_its_classic_twin(
+    twins: tuple[PhantomManifest, PhantomManifest],
+) -> None:
+    multiframe, classic = twins
+    study = load_found_study(multiframe.out_dir / "dicom")
+    twin = load_found_study(classic.out_dir / "dicom")
+    assert study.images.sop_class_uid == LEGACY_CT
+    assert study.images.files == (multiframe.out_dir / "dicom" / "CT_MF.dcm",)
+    assert study.images.is_multiframe and sorted(study.images.frame_numbers) == list(range(1, SPEC.slice_count + 1))
+    assert study.images.geometry.is_close(twin.images.geometry, atol_mm=1e-6)
+    assert study.images.positions == pytest.approx(twin.images.positions)
+    assert study.warnings == twin.warnings == ()
+    assert np.array_equal(read_image_volume(study.images), read_image_volume(twin.images))  # HU, every frame's rescale
+
+
+def test_masks_equal_the_classic_twins_bit_for_bit(outputs: dict[str, Any]) -> None:
+    masks, twin_masks = outputs["masks"], outputs["twin_masks"]
+    assert masks.voxel_count > 0
+    assert np.array_equal(load_mask(masks.mask_path), load_mask(twin_masks.mask_path))
+    assert [r.name for r in masks.roi_infos] == [r.name for r in twin_masks.roi_infos] == SHAPES
+    for roi in masks.roi_infos:
+        mine = load_roi_mask(masks.roi_masks, roi.number)
+        theirs = load_roi_mask(twin_masks.roi_masks, roi.number)
+        assert mine.any() and np.array_equal(mine, theirs), roi.name
+
+
+# --- derived outputs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_overlays_match_the_analytic_shapes(
+    outputs: dict[str, Any], twins: tuple[PhantomManifest, PhantomManifest], plane: str
+) -> None:
+    manifest = twins[0]
+    files = outputs["written"][("overlay", plane)]
+    for score in score_series(manifest, files, SHAPES):
+        assert score.dice >= (0.98 if plane == "axial" else 0.95), f"{plane} {score}"
+
+
+def test_derived_series_are_classic_single_frame_images_naming_their_source_frames(
+    outputs: dict[str, Any], twins: tuple[PhantomManifest, PhantomManifest]
+) -> None:
+    multiframe, _ = twins
+    source = pydicom.dcmread(multiframe.image_files[0])
+    frames = {n: source.PerFrameFunctionalGroupsSequence[n - 1] for n in range(1, int(source.NumberOfFrames) + 1)}
+    axial = outputs["written"][("overlay", "axial")]
+    assert len(axial) == SPEC.slice_count
+    for path in axial:
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == CT_IMAGE
+        assert "NumberOfFrames" not in ds and "PerFrameFunctionalGroupsSequence" not in ds
+        (item,) = ds.SourceImageSequence
+        assert item.ReferencedSOPClassUID == LEGACY_CT and item.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        frame = frames[int(item.ReferencedFrameNumber)]
+        position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx(position)
+        assert float(ds.RescaleIntercept) == -1024.0 and str(ds.PatientID) == str(source.PatientID)
+        index = int(item.ReferencedFrameNumber) - 1
+        assert np.array_equal(ds.pixel_array, source.pixel_array[index])  # the stored values untouched
+    for kind, plane in [("overlay", "coronal"), ("burn_in", "axial"), ("color", "axial"), ("color", "sagittal")]:
+        ds = pydicom.dcmread(outputs["written"][(kind, plane)][0])
+        assert "NumberOfFrames" not in ds or int(ds.NumberOfFrames) == 1, (kind, plane)
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+
+
+def test_dciodvfy_reports_no_error_on_the_derived_files(outputs: dict[str, Any]) -> None:
+    written = outputs["written"]
+    failures = []
+    checked = 0
+    for (kind, plane), files in sorted(written.items()):
+        for path in [files[0], files[len(files) // 2], files[-1]]:
+            checked += 1
+            errors = dciodvfy_errors(path)
+            if errors:
+                failures.append(f"{kind} {plane} {path.name}: {errors[:3]}")
+    assert checked >= 10 and not failures, failures
+
+
+def test_the_seg_references_the_source_frames(
+    outputs: dict[str, Any], twins: tuple[PhantomManifest, PhantomManifest]
+) -> None:
+    import highdicom as hd
+
+    multiframe, _ = twins
+    source = pydicom.dcmread(multiframe.image_files[0])
+    (path,) = outputs["written"][("seg", "study")]
+    seg = hd.seg.segread(path)
+    study: LoadedStudy = outputs["study"]
+    masks = outputs["masks"]
+    frame_of_slice = dict(zip(study.images.slice_indices, study.images.frame_numbers, strict=True))
+    checked = 0
+    for number, roi in enumerate(masks.roi_infos, 1):
+        mask = load_roi_mask(masks.roi_masks, roi.number)
+        for k in np.flatnonzero(mask.any(axis=(1, 2))):
+            frame = frame_of_slice[int(k)]
+            pixels = seg.get_pixels_by_source_frame(
+                source_sop_instance_uid=source.SOPInstanceUID,
+                source_frame_numbers=[frame],
+                segment_numbers=[number],
+            )
+            assert np.array_equal(pixels[0, :, :, 0].astype(bool), mask[k]), (roi.name, frame)
+            checked += 1
+    assert checked > 20
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        (reference,) = item.DerivationImageSequence[0].SourceImageSequence
+        assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID and int(reference.ReferencedFrameNumber) >= 1
+    assert not dciodvfy_errors(path)
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+def copy_study(manifest: PhantomManifest, target: Path) -> Path:
+    shutil.copytree(manifest.out_dir / "dicom", target)
+    return target / "CT_MF.dcm"
+
+
+def edited(path: Path, change: Any) -> None:
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_a_frame_without_plane_position_is_refused_naming_file_tag_and_frame(
+    twins: tuple[PhantomManifest, PhantomManifest], tmp_path: Path
+) -> None:
+    path = copy_study(twins[0], tmp_path / "dicom")
+    edited(path, lambda ds: delattr(ds.PerFrameFunctionalGroupsSequence[4], "PlanePositionSequence"))
+    with pytest.raises(StudyValidationError) as caught:
+        load_found_study(tmp_path / "dicom")
+    error = caught.value
+    assert error.path == path and "frame 5" in error.reason
+    assert error.tag == (
+        "(5200,9230) PerFrameFunctionalGroupsSequence > (0020,9113) PlanePositionSequence (nor (5200,9229) "
+        "SharedFunctionalGroupsSequence > (0020,9113) PlanePositionSequence) > (0020,0032) ImagePositionPatient"
+    )
+
+
+def test_frames_not_parallel_are_refused_naming_the_frame(
+    twins: tuple[PhantomManifest, PhantomManifest], tmp_path: Path
+) -> None:
+    path = copy_study(twins[0], tmp_path / "dicom")
+
+    def tilt(ds: Dataset) -> None:
+        orientation = Dataset()
+        orientation.ImageOrientationPatient = [1, 0, 0, 0, 0.9950042, 0.0998334]
+        ds.PerFrameFunctionalGroupsSequence[7].PlaneOrientationSequence = [orientation]
+
+    edited(path, tilt)
+    with pytest.raises(StudyValidationError) as caught:
+        load_found_study(tmp_path / "dicom")
+    assert caught.value.path == path and caught.value.tag == "(0020,0037) ImageOrientationPatient"
+    assert caught.value.reason.startswith("frame 8: orientation")
+
+
+def test_uneven_frame_spacing_is_refused_naming_the_frames(
+    twins: tuple[PhantomManifest, PhantomManifest], tmp_path: Path
+) -> None:
+    path = copy_study(twins[0], tmp_path / "dicom")
+
+    def shift(ds: Dataset) -> None:
+        position = ds.PerFrameFunctionalGroupsSequence[10].PlanePositionSequence[0]
+        x, y, z = (float(v) for v in position.ImagePositionPatient)
+        position.ImagePositionPatient = [x, y, z + 0.7]
+
+    edited(path, shift)
+    with pytest.raises(StudyValidationError) as caught:
+        load_found_study(tmp_path / "dicom")
+    assert caught.value.tag == "(0020,0032) ImagePositionPatient"
+    assert "spacing" in caught.value.reason and "CT_MF.dcm frame" in caught.value.reason
+
+
+def test_a_referenced_frame_the_image_lacks_is_refused(
+    twins: tuple[PhantomManifest, PhantomManifest], tmp_path: Path
+) -> None:
+    copy_study(twins[0], tmp_path / "dicom")
+    rtstruct = tmp_path / "dicom" / "RS.dcm"
+
+    def beyond(ds: Dataset) -> None:
+        ds.ROIContourSequence[0].ContourSequence[0].ContourImageSequence[0].ReferencedFrameNumber = 999
+
+    edited(rtstruct, beyond)
+    with pytest.raises(StudyValidationError) as caught:
+        load_found_study(tmp_path / "dicom")
+    assert caught.value.path == rtstruct and "frame(s) 999" in caught.value.reason
+    assert caught.value.tag.endswith("(0008,1160) ReferencedFrameNumber")
+
+
+def test_contours_naming_only_the_sop_instance_load_the_same(
+    twins: tuple[PhantomManifest, PhantomManifest], tmp_path: Path
+) -> None:
+    copy_study(twins[0], tmp_path / "dicom")
+
+    def drop_frames(ds: Dataset) -> None:
+        for roi in ds.ROIContourSequence:
+            for contour in roi.ContourSequence:
+                del contour.ContourImageSequence[0].ReferencedFrameNumber
+
+    edited(tmp_path / "dicom" / "RS.dcm", drop_frames)
+    study = load_found_study(tmp_path / "dicom")
+    assert study.images.geometry.is_close(load_found_study(twins[0].out_dir / "dicom").images.geometry)
+    assert study.warnings == ()
+
+
+def test_stale_references_to_a_multiframe_image_are_matched_by_position(tmp_path: Path) -> None:
+    manifest = write_phantom(replace(SPEC, multiframe="legacy", stale_references="instances"), tmp_path / "p")
+    study = load_found_study(manifest.out_dir / "dicom")
+    assert study.images.is_multiframe
+    assert any(w.startswith("references matched by position") for w in study.warnings)
+
+
+def test_an_enhanced_ct_label_reads_the_same_functional_groups(
+    twins: tuple[PhantomManifest, PhantomManifest], tmp_path: Path
+) -> None:
+    """The SOP class decides only that the functional groups are read: Enhanced CT Image Storage
+    (the converted file relabelled; not a complete Enhanced CT IOD) loads onto the same grid."""
+    path = copy_study(twins[0], tmp_path / "dicom")
+
+    def relabel(ds: Dataset) -> None:
+        ds.SOPClassUID = ENHANCED_CT
+        ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT
+
+    edited(path, relabel)
+    study = load_found_study(tmp_path / "dicom")
+    assert study.images.sop_class_uid == ENHANCED_CT
+    assert study.images.geometry.is_close(load_found_study(twins[0].out_dir / "dicom").images.geometry)
+
+
+# --- the whole flow, and a real export converted -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_netrt_process_on_a_multiframe_study_with_full_anonymization_and_source_routing(tmp_path: Path) -> None:
+    manifest = write_phantom(replace(SPEC, multiframe="legacy", rows=64, columns=56), tmp_path / "phantom")
+    config = tmp_path / "netrt.yaml"
+    config.write_text(
+        f"paths: {{data_dir: {tmp_path / 'data'}}}\n"
+        f"prefect: {{server_port: {free_port()}}}\n"
+        "anonymization: {mode: full}\n"
+        "processing: {outputs: [overlay, seg, color]}\n"
+        "destinations:\n"
+        f"  - {{name: out, type: folder, path: {tmp_path / 'out'}, outputs: [overlay, seg, color, source]}}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "netrt", "process", str(manifest.out_dir / "dicom"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert ": ok: " in done.stdout and "ok: 1 of 1 studies" in done.stdout
+    files = sorted((tmp_path / "out").rglob("*.dcm"))
+    by_class: dict[str, list[Dataset]] = {}
+    for path in files:
+        ds = pydicom.dcmread(path)
+        by_class.setdefault(str(ds.SOPClassUID), []).append(ds)
+        assert "PHANTOM" not in str(ds.PatientName) and ds.PatientID != manifest.spec.patient_id
+    # source routing forwards the anonymized multi-frame file as it is: one file, every frame
+    (forwarded,) = by_class[LEGACY_CT]
+    original = pydicom.dcmread(manifest.image_files[0])
+    assert (
+        forwarded.SOPInstanceUID != original.SOPInstanceUID
+        and forwarded.StudyInstanceUID != manifest.study_instance_uid
+    )
+    assert int(forwarded.NumberOfFrames) == SPEC.slice_count and forwarded.PixelData == original.PixelData
+    # derived: classic CT overlays (axial, coronal, sagittal), colour SC, one SEG on the forwarded frames
+    assert len(by_class[CT_IMAGE]) > 3 * SPEC.slice_count
+    (seg,) = by_class["1.2.840.10008.5.1.4.1.1.66.4"]
+    references = {
+        item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for item in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert references == {forwarded.SOPInstanceUID}
+    for ds in by_class[CT_IMAGE]:
+        (item,) = ds.SourceImageSequence if "SourceImageSequence" in ds else [None]
+        if item is not None and ds.ImageType[2] == "AXIAL":
+            assert item.ReferencedSOPInstanceUID == forwarded.SOPInstanceUID and int(item.ReferencedFrameNumber) >= 1
+    # nothing of the received identity in the nested functional groups of the forwarded file
+    text = repr(forwarded)
+    assert manifest.spec.patient_name not in text and manifest.spec.patient_id not in text
+    assert original.SOPInstanceUID not in text and manifest.study_instance_uid not in text
+    for item in forwarded.PerFrameFunctionalGroupsSequence:
+        for source in item.get("ConversionSourceAttributesSequence", []):
+            assert source.ReferencedSOPInstanceUID not in manifest.image_sop_instance_uids
+
+
+def test_real_mim_export_converted_to_legacy_enhanced_gives_the_same_masks(tmp_path: Path) -> None:
+    """The real GE CT + MIM RTSTRUCT (../shared/data, copied, never modified): its CT converted to one
+    Legacy Converted Enhanced CT file and the RTSTRUCT's image references rewritten to that file's
+    frames; loaded and masked exactly as the classic original."""
+    import highdicom as hd
+
+    source = require_shared("rtutils-mim-ge-phantom")
+    original = tmp_path / "original"
+    shutil.copytree(source, original, ignore=shutil.ignore_patterns("*.txt", "*.md"))
+    classic = load_found_study(original)
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    slices = [pydicom.dcmread(p) for p in classic.images.files]
+    instance = pydicom.uid.generate_uid()
+    multiframe = hd.legacy.LegacyConvertedEnhancedCTImage(
+        slices, series_instance_uid=classic.images.series_instance_uid, series_number=1,
+        sop_instance_uid=instance, instance_number=1,
+    )  # fmt: skip
+    multiframe.save_as(converted / "CT_MF.dcm", enforce_file_format=True)
+    frame_of = {
+        str(item.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID): number
+        for number, item in enumerate(multiframe.PerFrameFunctionalGroupsSequence, 1)
+    }
+    rs = pydicom.dcmread(classic.rtstruct_file)
+    rewritten = 0
+    for item in [
+        *[i for f in rs.ReferencedFrameOfReferenceSequence for s in f.RTReferencedStudySequence
+          for r in s.RTReferencedSeriesSequence for i in r.ContourImageSequence],
+        *[i for roi in rs.ROIContourSequence for c in roi.get("ContourSequence", []) for i in c.ContourImageSequence],
+    ]:  # fmt: skip
+        frame = frame_of[str(item.ReferencedSOPInstanceUID)]
+        item.ReferencedSOPClassUID = LEGACY_CT
+        item.ReferencedSOPInstanceUID = instance
+        item.ReferencedFrameNumber = frame
+        rewritten += 1
+    assert rewritten > len(slices)
+    rs.save_as(converted / "RS.dcm", enforce_file_format=True)
+
+    study = load_found_study(converted)
+    assert study.images.is_multiframe and study.images.sop_class_uid == LEGACY_CT
+    assert study.images.geometry.is_close(classic.images.geometry, atol_mm=1e-6)
+    assert not any("matched by position" in w for w in study.warnings)
+    assert np.array_equal(read_image_volume(study.images), read_image_volume(classic.images))
+    processing = ProcessingConfig(reformat_spacing_mm=2.0)
+    masks = compute_mask(study, processing, tmp_path / "work-mf")
+    twin = compute_mask(classic, processing, tmp_path / "work-classic")
+    assert masks.voxel_count > 0 and np.array_equal(load_mask(masks.mask_path), load_mask(twin.mask_path))
+    (axial,) = write_output(study, masks, "overlay", "axial", processing, tmp_path / "work-mf")
+    assert len(axial.files) == len(slices)
+    assert not dciodvfy_errors(axial.files[len(axial.files) // 2])
