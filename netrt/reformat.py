@@ -43,6 +43,7 @@ import SimpleITK as sitk
 
 from netrt.errors import NetrtError
 from netrt.geometry import ImageGeometry, affine, patient_to_index, place_sitk_image, to_sitk_image
+from netrt.reslice import aligned_axes, aligned_slabs
 
 # SimpleITK's SWIG functions carry no annotations; calling them through an Any handle keeps
 # mypy --strict quiet without scattering ignores (the same device as in netrt.geometry).
@@ -69,6 +70,11 @@ _FIT_SLACK = 1e-6
 #: are reused by the allocator instead of being mapped afresh each time: on a 512 x 512 x 200 CT the
 #: coronal image took 0.6 s in 4 M-voxel slabs against 1.2 s in one piece (measured).
 _SLAB_VOXELS = 1 << 22
+
+#: Who resamples linearly onto grids aligned with the source axes: ``"numpy"`` (:mod:`netrt.reslice`,
+#: separable, what NETRT uses) or ``"sitk"`` (SimpleITK's ResampleImageFilter, the path before
+#: issue 20, kept selectable so that a test can compare the written files of both).
+RESAMPLER = "numpy"
 
 #: How the mask is resampled; "distance" is what NETRT uses. The others are kept, selectable only
 #: from tests and the measurement in the docstring of :func:`_resample_mask`, so the choice stays
@@ -169,13 +175,27 @@ def _slab_bounds(target: ImageGeometry) -> list[tuple[int, int]]:
 
 
 def _resampled_slabs(
-    image: sitk.Image, target: ImageGeometry, interpolator: int, default: float, pixel_type: int
-) -> Iterator[tuple[int, sitk.Image, npt.NDArray[Any]]]:
-    """Resample ``image`` onto ``target`` slab by slab (:func:`_slab_bounds`).
+    image: sitk.Image,
+    source: ImageGeometry,
+    target: ImageGeometry,
+    interpolator: int,
+    default: float,
+    pixel_type: int,
+) -> Iterator[tuple[int, object, npt.NDArray[Any]]]:
+    """Resample ``image`` (placed on ``source``) onto ``target`` slab by slab (:func:`_slab_bounds`).
 
-    Yields ``(first slice, slab image, its array view [slice, row, col])``; the view borrows the
-    slab image's buffer, so it is valid while the slab image is referenced.
+    Yields ``(first slice, owner, array [slice, row, col])``; the array may borrow the owner's
+    buffer, so it is valid while the owner is referenced. Linear interpolation onto a grid aligned
+    with the source's axes (every plane :func:`plane_geometry` builds) goes through
+    :mod:`netrt.reslice` when :data:`RESAMPLER` is ``"numpy"``; anything else through SimpleITK.
     """
+    linear_float = interpolator == sitk.sitkLinear and pixel_type == sitk.sitkFloat32
+    axes = aligned_axes(source, target) if linear_float and RESAMPLER == "numpy" else None
+    if axes is not None:
+        values = sitk.GetArrayViewFromImage(image)
+        for first, resliced in aligned_slabs(values, axes, _slab_bounds(target), default, np.float32):
+            yield first, resliced, resliced
+        return
     direction = tuple(float(v) for v in target.direction_matrix.ravel())
     columns, rows, _ = target.size
     resampler = _sitk.ResampleImageFilter()
@@ -343,7 +363,7 @@ def _mask_slabs(field: MaskField, target: ImageGeometry, bounds: Iterable[tuple[
     target_box = None
     if source_image is not None and field.region is not None:
         target_box = _target_box(target, field.region)
-    if source_image is None or target_box is None:
+    if source_image is None or target_box is None or field.region is None:
         for _, count in bounds:
             yield np.full((count, rows, columns), field.kind == "full", dtype=bool)
         return
@@ -357,8 +377,8 @@ def _mask_slabs(field: MaskField, target: ImageGeometry, bounds: Iterable[tuple[
     else:
         spec = (sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8, ">=", 0.5)
     interpolator, default, pixel_type, comparison, threshold = spec
-    slabs = _resampled_slabs(source_image, sub_target, interpolator, default, pixel_type)
-    current: tuple[int, sitk.Image, npt.NDArray[Any]] | None = None  # first slice in target, slab, values
+    slabs = _resampled_slabs(source_image, field.region, sub_target, interpolator, default, pixel_type)
+    current: tuple[int, object, npt.NDArray[Any]] | None = None  # first slice in target, slab, values
     for first, count in bounds:
         out = np.zeros((count, rows, columns), dtype=bool)
         low, high = max(first, box_k.start), min(first + count, box_k.stop)
@@ -487,7 +507,9 @@ def reformat_slabs(prepared: ReformatSource, target: ImageGeometry) -> Iterator[
     bounds = _slab_bounds(target)
     masks = _mask_slabs(prepared.mask, target, bounds)
     layers = [_mask_slabs(layer, target, bounds) for layer in prepared.layers]
-    images = _resampled_slabs(prepared.image, target, sitk.sitkLinear, prepared.background, sitk.sitkFloat32)
+    images = _resampled_slabs(
+        prepared.image, prepared.geometry, target, sitk.sitkLinear, prepared.background, sitk.sitkFloat32
+    )
     for (first, slab, values), mask in zip(images, masks, strict=True):
         yield PlaneSlab(first, values, mask, slab, tuple(next(layer) for layer in layers))
 
