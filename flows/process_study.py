@@ -426,7 +426,11 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None) -> dict[st
     study = anonymized.study if anonymization.enabled else original
     # What was received (files set aside or unreadable), not what the anonymized copies show.
     received_files = [*original.images.files, *structure_set_files(original)]
-    report.warnings += run.scrubbed(original.warnings, received_files)
+    # one scrub for all (each reads every header): the loader's warnings and the structure sets' names
+    sentences = structure_set_sentences(study)
+    scrubbed = run.scrubbed([*original.warnings, *sentences], received_files)
+    report.warnings += scrubbed[: len(original.warnings)]
+    report.structure_sets = scrubbed[len(original.warnings) :]
 
     # One part per structure set with `each` (its own masks and series), else the study itself.
     parts = plan_structure_sets(study, anon_key, config.processing)
@@ -451,8 +455,9 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None) -> dict[st
         colors = {info.number: info.color for info in masks.roi_infos}
         rows = roi_rows(masks.rois, colors, float(spacing[0] * spacing[1] * spacing[2]))
         report.rois += [{**row, "name": part.prefix + row["name"]} for row in rows]
-        report.warnings += [part.prefix + w for w in run.scrubbed(masks.warnings, received_files)]
-    report.structure_sets = run.scrubbed(structure_set_sentences(study), received_files)
+        # merge's warnings name the received files (the copies keep their names): scrubbed like the loader's
+        notes = run.scrubbed(masks.warnings, received_files) if len(study.structure_sets) > 1 else masks.warnings
+        report.warnings += [part.prefix + w for w in notes]
 
     with run.timed("write") as timing:
         calls = [
