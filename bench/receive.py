@@ -191,11 +191,11 @@ def _instrument() -> dict[str, list[float]]:
         if getattr(local, "in_write", False):
             local.fsync += time.perf_counter() - started
 
-    def write_instance(folder: Path, sop_instance_uid: str, data: bytes | memoryview) -> Path:
+    def write_instance(folder: Path, sop_instance_uid: str, data: bytes | memoryview, *more: Any) -> Path:
         local.in_write, local.fsync = True, 0.0
         started = time.perf_counter()
         try:
-            return real_write(folder, sop_instance_uid, data)
+            return real_write(folder, sop_instance_uid, data, *more)
         finally:
             timings["durable_write"].append(time.perf_counter() - started)
             timings["fsync"].append(local.fsync)

@@ -51,11 +51,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from listener.completion import StudyTracker
-from listener.store import StoreError, write_instance
+from listener.store import StoreError, file_meta_prefix, write_instance
 from netrt.commitment import add_report_context, address_allowed, answer_event_report
 from netrt.config import ListenerConfig, TlsConfig
 from netrt.errors import NetrtError, UnsafeIdentifierError
 from netrt.logs import TransactionLog
+from netrt.reactor import make_event_driven, read_exactly
 from netrt.uids import checked_uid
 
 LOGGER = logging.getLogger("netrt.listener")
@@ -235,19 +236,19 @@ class NetrtRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        make_event_driven(assoc)  # no 1 ms polling in either of the association's threads
         server = cast(NetrtAssociationServer, self.server)
         limit = server.max_pdu_bytes
         sock = assoc.dul.socket
-        if limit > 0 and sock is not None:
-            read = sock.recv
+        if sock is not None:
 
             def bounded_recv(nr_bytes: int) -> bytearray:
-                if nr_bytes > limit:
+                if limit > 0 and nr_bytes > limit:
                     if server.on_oversized_pdu is not None:
                         server.on_oversized_pdu(assoc, nr_bytes)
                     sock.close()  # the DUL sees a short read: "transport connection closed"
                     return bytearray()
-                return read(nr_bytes)
+                return read_exactly(cast(socket.socket, sock.socket), nr_bytes)
 
             sock.recv = bounded_recv  # type: ignore[method-assign]
         return assoc
@@ -535,14 +536,20 @@ class ListenerHandlers:
             info = self._associations.get(assoc)
         calling = info.calling_ae_title if info is not None else (assoc.requestor.ae_title or "").strip()
         modality = STORAGE_SOP_CLASSES.get(str(request.AffectedSOPClassUID))
-        data = event.encoded_dataset()
+        # The file as pynetdicom's event.encoded_dataset() makes it, without its two copies of the
+        # data set and its pydicom encoding of the file meta (listener.store.file_meta_prefix).
+        prefix = file_meta_prefix(str(request.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax))
         try:
             folder = self.tracker.begin_store(study_uid, assoc, assoc.is_alive)
         except StoreError as exc:
             return self._store_failed(event, study_uid, exc)
         stored = False
         try:
-            write_instance(folder, sop_uid, data)
+            if prefix is None:
+                write_instance(folder, sop_uid, event.encoded_dataset())
+            else:
+                with cast(io.BytesIO, request.DataSet).getbuffer() as data_set:
+                    write_instance(folder, sop_uid, prefix, data_set)
             stored = True
         except StoreError as exc:
             return self._store_failed(event, study_uid, exc)

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
+
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from netrt.errors import NetrtError
 from netrt.fileio import atomic_output, fsync_dir
@@ -27,6 +30,8 @@ TEMP_PREFIX = ".tmp-"
 TEMP_SUFFIX = ".part"
 
 # errno values that mean "no room or no handles left": the DICOM answer is A700 (out of resources).
+_UID = re.compile(r"[0-9.]{1,64}")
+
 OUT_OF_RESOURCES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EFBIG})
 
 
@@ -57,8 +62,40 @@ def ensure_folder(folder: Path) -> bool:
     return True
 
 
-def write_instance(folder: Path, sop_instance_uid: str, data: bytes | memoryview) -> Path:
-    """Write one received instance durably as ``folder/<sop>.dcm``; return its path.
+def file_meta_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes | None:
+    """Preamble, ``DICM`` and the File Meta Information of a received instance, encoded here.
+
+    The same bytes as pynetdicom's ``Event.encoded_dataset()`` puts before the data set (its
+    ``create_file_meta`` encoded by pydicom: group length, version 00 01, media storage SOP class
+    and instance, transfer syntax, pynetdicom's implementation class UID and version name), without
+    building and writing a pydicom data set per instance (about 0.3 ms each; issue 20).
+    ``tests/test_listener.py`` compares the two. None when a value is not a UID (the caller then
+    lets pydicom encode it as it is).
+    """
+    elements = []
+    for tag, value in (
+        (b"\x02\x00\x02\x00", sop_class_uid),
+        (b"\x02\x00\x03\x00", sop_instance_uid),
+        (b"\x02\x00\x10\x00", transfer_syntax_uid),
+        (b"\x02\x00\x12\x00", PYNETDICOM_IMPLEMENTATION_UID),
+    ):
+        if not _UID.fullmatch(value):
+            return None
+        raw = value.encode("ascii")
+        if len(raw) % 2:
+            raw += b"\x00"
+        elements.append(tag + b"UI" + len(raw).to_bytes(2, "little") + raw)
+    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+    if len(version) % 2:
+        version += b" "
+    elements.append(b"\x02\x00\x13\x00SH" + len(version).to_bytes(2, "little") + version)
+    body = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01" + b"".join(elements)
+    return b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + len(body).to_bytes(4, "little") + body
+
+
+def write_instance(folder: Path, sop_instance_uid: str, data: bytes | memoryview, *more: bytes | memoryview) -> Path:
+    """Write one received instance (``data`` followed by ``more``) durably as ``folder/<sop>.dcm``;
+    return its path once the file and the folder entry are fsync'd.
 
     Raises:
         UnsafeIdentifierError: the SOP Instance UID is not a UID.
@@ -69,6 +106,8 @@ def write_instance(folder: Path, sop_instance_uid: str, data: bytes | memoryview
     try:
         with atomic_output(target) as handle:
             handle.write(data)
+            for chunk in more:
+                handle.write(chunk)
         fsync_dir(folder)
     except OSError as exc:
         full = exc.errno in OUT_OF_RESOURCES

@@ -18,7 +18,7 @@ import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -30,11 +30,9 @@ from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from netrt.config import DicomDestination
 from netrt.errors import DeliveryError
+from netrt.reactor import make_event_driven, read_exactly
 
 logger = logging.getLogger("netrt.send")
-
-# Sleep of pynetdicom's network thread when idle (see _NetrtAE._create_socket).
-_DUL_LOOP_DELAY_SECONDS = 0.0002
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 permanent, 2 transient; source 1 service user, 2 ACSE
 # provider, 3 presentation provider; reasons of the service user.
@@ -108,6 +106,14 @@ def _traced_ssl_socket_class(trace: _Trace) -> type[ssl.SSLSocket]:
                 trace.tls_error = exc
                 raise
 
+        def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+            # netrt.reactor.read_exactly reads PDUs with recv_into: the same record as recv.
+            try:
+                return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type]
+            except ssl.SSLError as exc:
+                trace.tls_error = exc
+                raise
+
     return _TracedSSLSocket
 
 
@@ -128,6 +134,10 @@ class _TracedAssociationSocket(AssociationSocket):
         self._is_connected = False
         return sock
 
+    def recv(self, nr_bytes: int) -> bytearray:
+        """A whole PDU (or its header) in one buffer, not in pynetdicom's 4 KiB steps."""
+        return read_exactly(cast(socket.socket, self.socket), nr_bytes)
+
 
 class _NetrtAE(AE):
     """An AE whose requested associations use :class:`_TracedAssociationSocket`."""
@@ -139,15 +149,13 @@ class _NetrtAE(AE):
     def _create_socket(
         self, assoc: Association, address: AddressInformation, tls_args: tuple[ssl.SSLContext, str] | None
     ) -> AssociationSocket:
+        # pynetdicom's two association threads poll every 1 ms (its network thread whenever it
+        # finds nothing to do: between the PDUs of one instance and while the response is due; and
+        # send_c_store waits for the association thread's next turn); netrt.reactor makes both
+        # wait on events instead. Called by AE.associate before the association starts.
+        make_event_driven(assoc)
         sock = _TracedAssociationSocket(assoc, address, self.trace)
         sock.tls_args = tls_args
-        # pynetdicom's network thread sleeps this long whenever it finds nothing to do, also
-        # between the PDUs of one instance and while the response is due; its maintainers name it
-        # the knob trading idle CPU for latency (pynetdicom issue #650). 1 ms by default; at 0.2 ms
-        # delivery to Orthanc took 13% less time (1124 files, bench/deliver.py); an idle open
-        # association then costs 11% of a core instead of 4% (measured), only while it is open.
-        if hasattr(assoc.dul, "_run_loop_delay"):
-            assoc.dul._run_loop_delay = _DUL_LOOP_DELAY_SECONDS
         return sock
 
 
