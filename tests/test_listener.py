@@ -13,10 +13,12 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -24,6 +26,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
 
 from listener import completion
@@ -33,7 +38,7 @@ from listener.scp import (
     STATUS_SOP_UID_REFUSED,
     STATUS_STUDY_UID_REFUSED,
 )
-from listener.store import TEMP_PREFIX, TEMP_SUFFIX
+from listener.store import TEMP_PREFIX, TEMP_SUFFIX, file_meta_prefix
 from netrt.config import TlsConfig
 from netrt.layout import DataLayout
 from netrt.logs import TransactionLog
@@ -269,6 +274,88 @@ def test_same_sop_instance_twice_replaces_the_first(
         folder = data / "incoming" / study_uid
         assert [p.name for p in folder.iterdir()] == [f"{template.SOPInstanceUID}.dcm"]
         assert dcmread(folder / f"{template.SOPInstanceUID}.dcm").SeriesDescription == "second copy"
+
+
+def test_success_is_answered_only_after_the_instance_and_its_folder_entry_are_fsynced(
+    tmp_path: Path, phantom: tuple[Path, str], released: list[Association], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The durability rule, watched from inside the listener: for every instance, the temp file's
+    data is fsync'd, then it is renamed to <sop>.dcm, then the study folder is fsync'd, and only
+    then is the C-STORE response handed to pynetdicom to send. The file is byte for byte what
+    pynetdicom's own ``Event.encoded_dataset()`` would have written."""
+    source, study_uid = phantom
+    log: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    real_fsync, real_replace, real_send_msg = os.fsync, os.replace, DIMSEServiceProvider.send_msg
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        with lock:
+            log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
+        real_replace(src, dst, **kwargs)
+        with lock:
+            log.append(("replace", f"{os.fspath(src)} -> {os.fspath(dst)}"))
+
+    def send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_STORE) and primitive.is_valid_response:
+            with lock:
+                log.append(("response", str(primitive.AffectedSOPInstanceUID)))
+        real_send_msg(self, primitive, context_id)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", send_msg)
+    data = tmp_path / "data"
+    sent = [dcmread(p) for p in _files(source)[:5]]
+    with running_listener(listener_config(data, idle=30), RecordingTrigger()) as service:
+        assoc = _scu(service.address[1])
+        released.append(assoc)
+        for ds in sent:
+            assert _status(assoc, ds) == 0x0000
+    folder = data / "incoming" / study_uid
+    with lock:
+        entries = list(log)
+    for ds in sent:
+        sop = str(ds.SOPInstanceUID)
+        final = folder / f"{sop}.dcm"
+        (renamed,) = [i for i, (kind, what) in enumerate(entries) if kind == "replace" and what.endswith(f"{final}")]
+        temp = entries[renamed][1].split(" -> ")[0]
+        data_synced = [i for i, e in enumerate(entries[:renamed]) if e == ("fsync", temp)]
+        folder_synced = [i for i, e in enumerate(entries) if i > renamed and e == ("fsync", str(folder))]
+        (answered,) = [i for i, e in enumerate(entries) if e == ("response", sop)]
+        assert data_synced, f"{sop}: renamed before its data was fsync'd"
+        assert folder_synced and folder_synced[0] < answered, f"{sop}: answered before the folder was fsync'd"
+        expected = (
+            b"\x00" * 128
+            + b"DICM"
+            + encode_file_meta(
+                create_file_meta(
+                    sop_class_uid=ds.SOPClassUID,
+                    sop_instance_uid=ds.SOPInstanceUID,
+                    transfer_syntax=ExplicitVRLittleEndian,
+                )
+            )
+            + (encode(ds, False, True) or b"")
+        )
+        assert final.read_bytes() == expected
+
+
+def test_file_meta_prefix_is_what_pynetdicom_encodes() -> None:
+    for sop_class, sop, syntax in (
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),  # even and odd lengths
+        ("1.2.840.10008.5.1.4.1.1.481.3", "1.2.826.0.1.3680043.8.498.12345678901234567890", "1.2.840.10008.1.2"),
+        ("1.2.840.10008.5.1.4.1.1.4", "2.25.1", "1.2.840.10008.1.2.4.70"),
+    ):
+        ours = file_meta_prefix(sop_class, sop, syntax)
+        theirs = (
+            b"\x00" * 128
+            + b"DICM"
+            + encode_file_meta(create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop, transfer_syntax=syntax))
+        )
+        assert ours == theirs
+    assert file_meta_prefix("1.2.840.10008.5.1.4.1.1.2", "1.2.x", "1.2.840.10008.1.2") is None  # pydicom encodes it
 
 
 # --- access control -----------------------------------------------------------------------------
