@@ -27,7 +27,7 @@ from netrt.masks import load_mask
 from netrt.outputs.rois import load_roi_mask
 from netrt.phantom import PhantomManifest, PhantomSpec, write_phantom
 from netrt.pipeline import compute_mask, write_output
-from netrt.study import LoadedStudy, load_found_study, read_image_volume
+from netrt.study import LoadedStudy, load_found_study, load_study, read_image_volume
 
 from .conftest import free_port, require_shared, require_tool
 from .overlay_check import score_series
@@ -414,3 +414,40 @@ def test_real_mim_export_converted_to_legacy_enhanced_gives_the_same_masks(tmp_p
     (axial,) = write_output(study, masks, "overlay", "axial", processing, tmp_path / "work-mf")
     assert len(axial.files) == len(slices)
     assert not dciodvfy_errors(axial.files[len(axial.files) // 2])
+
+
+def test_full_anonymization_leaves_nothing_identifying_in_the_nested_functional_groups(tmp_path: Path) -> None:
+    """The sentinel study of tests/test_anonymize.py as one multi-frame file: every identifying
+    attribute the IOD defines, in the per-frame and shared functional groups too, holds a sentinel;
+    none of them, and no original UID (the converter's ConversionSourceAttributesSequence names the
+    classic slices), survives full mode, and the copies still load as the same stack."""
+    from netrt.anonymize import anonymize_study
+
+    from .test_anonymize import (
+        FULL,
+        SECRET,
+        SENTINEL,
+        SENTINEL_DATE,
+        SENTINEL_NUMBERS,
+        SENTINEL_TIME,
+        make_sentinel_study,
+        original_uids,
+    )
+
+    files = make_sentinel_study(tmp_path / "phantom", multiframe="legacy")
+    (multiframe,) = [p for p in files if p.name == "CT_MF.dcm"]
+    planted = pydicom.dcmread(multiframe)
+    assert SENTINEL in repr(planted.PerFrameFunctionalGroupsSequence[0])  # the search below can fail
+    assert SENTINEL in repr(planted.SharedFunctionalGroupsSequence[0])
+    conversion = planted.PerFrameFunctionalGroupsSequence[0].ConversionSourceAttributesSequence[0]
+    uids = original_uids(files)
+    assert str(conversion.ReferencedSOPInstanceUID) in uids
+    result = anonymize_study(files, tmp_path / "anonymized", FULL, SECRET)
+    needles = {SENTINEL, SENTINEL_DATE, SENTINEL_TIME, *SENTINEL_NUMBERS.values(), *uids}
+    needles.update(("PHANTOM^NETRT", "NETRT-PHANTOM-001", "19700101", "ACC0001"))
+    hits = [f"{p.name}: {n}" for p in result.files for n in needles if n.encode() in p.read_bytes()]
+    assert len(result.files) == 2 and not hits, hits[:10]
+    study = load_study(list(result.files))
+    original = load_study(files)
+    assert study.images.is_multiframe and study.images.geometry.is_close(original.images.geometry)
+    assert study.images.frame_numbers == original.images.frame_numbers
