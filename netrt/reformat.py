@@ -175,7 +175,7 @@ def _slab_bounds(target: ImageGeometry) -> list[tuple[int, int]]:
 
 
 def _resampled_slabs(
-    image: sitk.Image,
+    image: sitk.Image | npt.NDArray[Any],
     source: ImageGeometry,
     target: ImageGeometry,
     interpolator: int,
@@ -184,18 +184,21 @@ def _resampled_slabs(
 ) -> Iterator[tuple[int, object, npt.NDArray[Any]]]:
     """Resample ``image`` (placed on ``source``) onto ``target`` slab by slab (:func:`_slab_bounds`).
 
-    Yields ``(first slice, owner, array [slice, row, col])``; the array may borrow the owner's
-    buffer, so it is valid while the owner is referenced. Linear interpolation onto a grid aligned
-    with the source's axes (every plane :func:`plane_geometry` builds) goes through
-    :mod:`netrt.reslice` when :data:`RESAMPLER` is ``"numpy"``; anything else through SimpleITK.
+    ``image`` is a SimpleITK image or a ``[slice, row, col]`` array on ``source``. Yields ``(first
+    slice, owner, array [slice, row, col])``; the array may borrow the owner's buffer, so it is
+    valid while the owner is referenced. Linear interpolation onto a grid aligned with the source's
+    axes (every plane :func:`plane_geometry` builds) goes through :mod:`netrt.reslice` when
+    :data:`RESAMPLER` is ``"numpy"``; anything else through SimpleITK.
     """
     linear_float = interpolator == sitk.sitkLinear and pixel_type == sitk.sitkFloat32
     axes = aligned_axes(source, target) if linear_float and RESAMPLER == "numpy" else None
     if axes is not None:
-        values = sitk.GetArrayViewFromImage(image)
+        values = image if isinstance(image, np.ndarray) else sitk.GetArrayViewFromImage(image)
         for first, resliced in aligned_slabs(values, axes, _slab_bounds(target), default, np.float32):
             yield first, resliced, resliced
         return
+    if isinstance(image, np.ndarray):
+        image = to_sitk_image(image, source)
     direction = tuple(float(v) for v in target.direction_matrix.ravel())
     columns, rows, _ = target.size
     resampler = _sitk.ResampleImageFilter()
@@ -436,13 +439,14 @@ def _resample_mask(
 class ReformatSource:
     """A source image and its mask prepared once (:func:`prepare_source`) for any number of planes.
 
-    ``image`` is the volume as a SimpleITK image on ``geometry`` in modality units (any real pixel
-    type), ``background`` its minimum (air: the value of samples outside the source, only possible
+    ``image`` is the volume on ``geometry`` in modality units (any real pixel type), as a SimpleITK
+    image or a ``[slice, row, col]`` array (read-only; converted for SimpleITK only on a path that
+    needs it), ``background`` its minimum (air: the value of samples outside the source, only possible
     through round-off at the edges), ``mask`` the prepared mask.
     """
 
     geometry: ImageGeometry
-    image: sitk.Image
+    image: sitk.Image | npt.NDArray[Any]
     background: float
     mask: MaskField
     layers: tuple[MaskField, ...] = ()
@@ -456,9 +460,10 @@ def prepare_source(
 ) -> ReformatSource:
     """``volume`` and ``mask`` on ``source`` ready for :func:`reformat_slabs`.
 
-    ``volume`` is an array ``[slice, row, col]`` in modality units (any real dtype; copied once
-    into SimpleITK as it is, int16 stays int16) or a SimpleITK image of ``source.size`` (used as
-    it is and placed on ``source``, e.g. from :func:`netrt.study.read_source_image`). ``mask`` is
+    ``volume`` is an array ``[slice, row, col]`` in modality units (any real dtype, kept as it is
+    without a copy; the caller must not change it while slabs are drawn) or a SimpleITK image of
+    ``source.size`` (used as it is and placed on ``source``, e.g. from
+    :func:`netrt.study.read_source_image`). ``mask`` is
     a bool array on ``source`` or a :class:`MaskField` from :func:`prepare_mask`; ``layers`` are
     further prepared masks (one per ROI, for per-ROI overlays) resampled beside it into
     :attr:`PlaneSlab.layers`.
@@ -466,17 +471,21 @@ def prepare_source(
     Raises:
         ValueError: ``volume`` or ``mask`` does not have the shape of ``source``.
     """
+    image: sitk.Image | npt.NDArray[Any]
     if isinstance(volume, sitk.Image):
         image = place_sitk_image(volume, source)
+        extremes: Any = _sitk.MinimumMaximumImageFilter()
+        extremes.Execute(image)
+        background = float(extremes.GetMinimum())
     else:
         array = np.asarray(volume)
         if array.shape != source.shape:
             raise ValueError(f"volume shape {array.shape} does not match the source grid {source.shape}")
-        image = to_sitk_image(array, source)
+        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
+            array = array.astype(np.float32)
+        image, background = array, float(array.min())
     prepared_mask = mask if isinstance(mask, MaskField) else prepare_mask(mask, source)
-    extremes: Any = _sitk.MinimumMaximumImageFilter()
-    extremes.Execute(image)
-    return ReformatSource(source, image, float(extremes.GetMinimum()), prepared_mask, tuple(layers))
+    return ReformatSource(source, image, background, prepared_mask, tuple(layers))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,12 @@ class OutputContext:
     processing: ProcessingConfig
     work_dir: Path
 
+    @property
+    def volume_cache(self) -> Path:
+        """Where the decoded source volume is shared between the kinds' writers
+        (:mod:`netrt.study.volume_cache`)."""
+        return self.work_dir / "volume"
+
     def settings_key(self, kind: str, *options: object) -> str:
         """The key a kind derives its UIDs from (:func:`netrt.settings.kind_settings_key`).
 

@@ -66,8 +66,9 @@ from netrt.overlay import SliceWriter, output_instance_uid
 from netrt.reformat import PLANES, MaskField, plane_geometry, prepare_mask, prepare_source, reformat_slabs
 from netrt.settings import PLANE_NUMBER
 from netrt.stamps import stamp_files
-from netrt.study import LoadedStudy, read_source_image
+from netrt.study import LoadedStudy
 from netrt.study.classic import SourceHeaders
+from netrt.study.volume_cache import source_volume
 from netrt.uids import derived_uid
 
 _sitk: Any = sitk
@@ -353,9 +354,19 @@ def _roi_box(path: Path, roi: RoiInfo, shape: tuple[int, int, int]) -> RoiBox:
 
 
 def write_color_series(
-    study: LoadedStudy, rois: Sequence[RoiInfo], roi_masks: Path, plane: str, out_dir: Path, settings: ColorSettings
+    study: LoadedStudy,
+    rois: Sequence[RoiInfo],
+    roi_masks: Path,
+    plane: str,
+    out_dir: Path,
+    settings: ColorSettings,
+    *,
+    volume_cache: Path | None = None,
 ) -> list[Path]:
     """Write the colour series of ``plane`` for ``study`` into ``out_dir``; the files in slice order.
+
+    ``volume_cache``: the folder where the decoded source volume is shared with the other writers of
+    the run (:func:`netrt.study.volume_cache.source_volume`); None decodes it here.
 
     ``rois`` are the ROIs to draw, in legend order (drawing order too: a later ROI's outline wins
     where two meet); ``roi_masks`` the file of :func:`netrt.outputs.rois.save_roi_masks` /
@@ -381,8 +392,7 @@ def write_color_series(
     series_uid = color_series_uid(series.series_instance_uid, plane, settings.settings_key)
     invert = str(source.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
 
-    image = read_source_image(series)
-    volume = _sitk.GetArrayViewFromImage(image)  # a view; ``image`` stays referenced below
+    volume = source_volume(series, volume_cache)
     window = series_window(source, series.modality, volume)
     sc = _template(source, headers.slices[0].path, plane, target, settings, series_uid, window, [r.name for r in rois])
     _, rows, columns = target.shape
@@ -414,9 +424,8 @@ def write_color_series(
     for roi in rois:
         box = _roi_box(roi_masks, roi, geometry.shape)
         fields.append(prepare_mask(box.mask, geometry, within=box.box))
-    del volume
     step = target.spacing[2] * target.normal
-    for slab in reformat_slabs(prepare_source(image, MaskField("empty"), geometry, fields), target):
+    for slab in reformat_slabs(prepare_source(volume, MaskField("empty"), geometry, fields), target):
         for offset in range(slab.image.shape[0]):
             index = slab.first + offset
             drawn = draw_slice(
@@ -447,7 +456,9 @@ def _write_kind(context: OutputContext, plane: str) -> list[WrittenSeries]:
         reformat_spacing_mm=processing.reformat_spacing_mm,
     )
     folder = context.work_dir / "series" / f"color-{plane}"
-    files = write_color_series(context.study, context.rois, context.roi_masks, plane, folder, settings)
+    files = write_color_series(
+        context.study, context.rois, context.roi_masks, plane, folder, settings, volume_cache=context.volume_cache
+    )
     series_uid = color_series_uid(context.study.images.series_instance_uid, plane, key)
     return [WrittenSeries(plane, False, series_uid, folder, tuple(files), stamp_files(files), "color")]
 

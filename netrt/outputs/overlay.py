@@ -32,7 +32,8 @@ from netrt.overlay import (
 from netrt.reformat import MaskField, plane_geometry, prepare_mask, prepare_source, reformat_slabs
 from netrt.settings import PLANE_NUMBER
 from netrt.stamps import stamp_files
-from netrt.study import LoadedStudy, read_source_image
+from netrt.study import LoadedStudy
+from netrt.study.volume_cache import source_volume
 
 BoolArray = npt.NDArray[np.bool_]
 BURN_IN_NUMBER_OFFSET = 10
@@ -144,7 +145,7 @@ def write_overlay_series(context: OutputContext, plane: str, burn_in: bool) -> l
         mask_field = prepare_mask(mask, geometry)
         del mask
         fields = [_field_of(group, study) for group in boxes]
-        source = prepare_source(read_source_image(study.images), mask_field, geometry, fields)
+        source = prepare_source(source_volume(study.images, context.volume_cache), mask_field, geometry, fields)
         target = plane_geometry(geometry, plane, processing.reformat_spacing_mm)
         first = study.images.received_slices()[0]  # the template; a frame of a multi-frame file as classic
         (files,) = write_reformatted_slabs(
