@@ -37,6 +37,7 @@ SPEC = PhantomSpec(rows=96, columns=80, pixel_spacing=(2.0, 2.0), slice_spacing=
 LEGACY_CT = "1.2.840.10008.5.1.4.1.1.2.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -364,25 +365,23 @@ def test_netrt_process_on_a_multiframe_study_with_full_anonymization_and_source_
             assert source.ReferencedSOPInstanceUID not in manifest.image_sop_instance_uids
 
 
-def test_real_mim_export_converted_to_legacy_enhanced_gives_the_same_masks(tmp_path: Path) -> None:
-    """The real GE CT + MIM RTSTRUCT (../shared/data, copied, never modified): its CT converted to one
-    Legacy Converted Enhanced CT file and the RTSTRUCT's image references rewritten to that file's
-    frames; loaded and masked exactly as the classic original."""
+def convert_to_legacy(classic: LoadedStudy, folder: Path, modality: str) -> Path:
+    """``classic``'s image series as one Legacy Converted Enhanced CT/MR file (highdicom's legacy
+    converter) in ``folder``, beside its RTSTRUCT whose image references are rewritten to that
+    file's frames (ReferencedSOPInstanceUID + ReferencedFrameNumber); returns ``folder``."""
     import highdicom as hd
 
-    source = require_shared("rtutils-mim-ge-phantom")
-    original = tmp_path / "original"
-    shutil.copytree(source, original, ignore=shutil.ignore_patterns("*.txt", "*.md"))
-    classic = load_found_study(original)
-    converted = tmp_path / "converted"
-    converted.mkdir()
+    folder.mkdir()
     slices = [pydicom.dcmread(p) for p in classic.images.files]
     instance = pydicom.uid.generate_uid()
-    multiframe = hd.legacy.LegacyConvertedEnhancedCTImage(
+    converter = (
+        hd.legacy.LegacyConvertedEnhancedCTImage if modality == "CT" else hd.legacy.LegacyConvertedEnhancedMRImage
+    )
+    multiframe = converter(
         slices, series_instance_uid=classic.images.series_instance_uid, series_number=1,
         sop_instance_uid=instance, instance_number=1,
     )  # fmt: skip
-    multiframe.save_as(converted / "CT_MF.dcm", enforce_file_format=True)
+    multiframe.save_as(folder / "MF.dcm", enforce_file_format=True)
     frame_of = {
         str(item.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID): number
         for number, item in enumerate(multiframe.PerFrameFunctionalGroupsSequence, 1)
@@ -395,12 +394,25 @@ def test_real_mim_export_converted_to_legacy_enhanced_gives_the_same_masks(tmp_p
         *[i for roi in rs.ROIContourSequence for c in roi.get("ContourSequence", []) for i in c.ContourImageSequence],
     ]:  # fmt: skip
         frame = frame_of[str(item.ReferencedSOPInstanceUID)]
-        item.ReferencedSOPClassUID = LEGACY_CT
+        item.ReferencedSOPClassUID = multiframe.SOPClassUID
         item.ReferencedSOPInstanceUID = instance
         item.ReferencedFrameNumber = frame
         rewritten += 1
     assert rewritten > len(slices)
-    rs.save_as(converted / "RS.dcm", enforce_file_format=True)
+    rs.save_as(folder / "RS.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_real_mim_export_converted_to_legacy_enhanced_gives_the_same_masks(tmp_path: Path) -> None:
+    """The real GE CT + MIM RTSTRUCT (../shared/data, copied, never modified): its CT converted to one
+    Legacy Converted Enhanced CT file and the RTSTRUCT's image references rewritten to that file's
+    frames; loaded and masked exactly as the classic original."""
+    source = require_shared("rtutils-mim-ge-phantom")
+    original = tmp_path / "original"
+    shutil.copytree(source, original, ignore=shutil.ignore_patterns("*.txt", "*.md"))
+    classic = load_found_study(original)
+    converted = convert_to_legacy(classic, tmp_path / "converted", "CT")
+    slices = classic.images.files
 
     study = load_found_study(converted)
     assert study.images.is_multiframe and study.images.sop_class_uid == LEGACY_CT
@@ -451,3 +463,35 @@ def test_full_anonymization_leaves_nothing_identifying_in_the_nested_functional_
     original = load_study(files)
     assert study.images.is_multiframe and study.images.geometry.is_close(original.images.geometry)
     assert study.images.frame_numbers == original.images.frame_numbers
+
+
+def test_legacy_converted_enhanced_mr_gives_classic_mr_outputs(tmp_path: Path) -> None:
+    """The phantom's slices as an MR series (as tests/test_hardening_corpus.py's mr-series case
+    makes it), converted to one Legacy Converted Enhanced MR file: the same stack and masks as the
+    classic MR twin, and the derived axial and coronal overlays are MR Image Storage files that
+    dciodvfy passes."""
+    manifest = write_phantom(replace(SPEC, rows=48, columns=40, slices=20), tmp_path / "phantom")
+    for path in manifest.image_files:
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE
+        ds.Modality = "MR"
+        for keyword in ("RescaleIntercept", "RescaleSlope", "RescaleType", "KVP"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "SE", "NONE", ""
+        ds.MRAcquisitionType, ds.EchoTime, ds.RepetitionTime, ds.MagneticFieldStrength = "2D", 10, 500, 1.5
+        ds.save_as(path, enforce_file_format=True)
+    classic = load_found_study(manifest.out_dir / "dicom")
+    study = load_found_study(convert_to_legacy(classic, tmp_path / "converted", "MR"))
+    assert study.images.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4.4" and study.images.modality == "MR"
+    assert study.images.geometry.is_close(classic.images.geometry, atol_mm=1e-6)
+    assert np.array_equal(read_image_volume(study.images), read_image_volume(classic.images))
+    processing = ProcessingConfig()
+    masks = compute_mask(study, processing, tmp_path / "work")
+    twin = compute_mask(classic, processing, tmp_path / "work-classic")
+    assert masks.voxel_count > 0 and np.array_equal(load_mask(masks.mask_path), load_mask(twin.mask_path))
+    for plane in ("axial", "coronal"):
+        (series,) = write_output(study, masks, "overlay", plane, processing, tmp_path / "work")
+        middle = series.files[len(series.files) // 2]
+        assert pydicom.dcmread(middle).SOPClassUID == MR_IMAGE
+        assert not dciodvfy_errors(middle), plane
