@@ -165,10 +165,16 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         seed=args.seed,
         patient_name=args.patient_name,
         patient_id=args.patient_id,
+        multiframe="legacy" if args.multiframe else "",
     )
     manifest = write_phantom(spec, Path(args.out_dir))
     print(f"study {manifest.study_instance_uid}")
-    print(f"  {len(manifest.image_files)} CT slices and RTSTRUCT in {Path(args.out_dir) / 'dicom'}")
+    images = (
+        f"one Legacy Converted Enhanced CT file of {spec.slice_count} frames"
+        if args.multiframe
+        else f"{len(manifest.image_files)} CT slices"
+    )
+    print(f"  {images} and RTSTRUCT in {Path(args.out_dir) / 'dicom'}")
     for roi in manifest.rois:
         print(f"  ROI {roi.name}: {roi.shape}, {roi.analytic_volume_mm3:.0f} mm3, {roi.truth_voxel_count} voxels")
     print(f"  ground truth: {Path(args.out_dir) / 'truth'}")
@@ -971,6 +977,11 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=int, default=0, help="seed for UIDs and noise (default 0)")
     phantom.add_argument("--patient-name", default="PHANTOM^NETRT")
     phantom.add_argument("--patient-id", default="NETRT-PHANTOM-001")
+    phantom.add_argument(
+        "--multiframe",
+        action="store_true",
+        help="write the CT as one Legacy Converted Enhanced CT multi-frame file; the RTSTRUCT references its frames",
+    )
     phantom.set_defaults(handler=cmd_phantom)
     return parser
 

@@ -495,3 +495,21 @@ def test_legacy_converted_enhanced_mr_gives_classic_mr_outputs(tmp_path: Path) -
         middle = series.files[len(series.files) // 2]
         assert pydicom.dcmread(middle).SOPClassUID == MR_IMAGE
         assert not dciodvfy_errors(middle), plane
+
+
+def test_phantom_command_writes_the_ct_as_one_multiframe_file(tmp_path: Path) -> None:
+    out = tmp_path / "ph"
+    result = subprocess.run(
+        [sys.executable, "-m", "netrt", "phantom", str(out), "--rows", "32", "--columns", "24", "--slices", "9",
+         "--multiframe"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "one Legacy Converted Enhanced CT file of 9 frames" in result.stdout
+    assert sorted(p.name for p in (out / "dicom").iterdir()) == ["CT_MF.dcm", "RS.dcm"]
+    ds = pydicom.dcmread(out / "dicom" / "CT_MF.dcm", stop_before_pixels=True)
+    assert ds.SOPClassUID == LEGACY_CT and int(ds.NumberOfFrames) == 9 and (ds.Rows, ds.Columns) == (32, 24)
+    rs = pydicom.dcmread(out / "dicom" / "RS.dcm")
+    items = [i for roi in rs.ROIContourSequence for c in roi.ContourSequence for i in c.ContourImageSequence]
+    assert items and all(i.ReferencedSOPInstanceUID == ds.SOPInstanceUID for i in items)
+    assert {int(i.ReferencedFrameNumber) for i in items} <= set(range(1, 10))
