@@ -513,3 +513,52 @@ def test_phantom_command_writes_the_ct_as_one_multiframe_file(tmp_path: Path) ->
     items = [i for roi in rs.ROIContourSequence for c in roi.ContourSequence for i in c.ContourImageSequence]
     assert items and all(i.ReferencedSOPInstanceUID == ds.SOPInstanceUID for i in items)
     assert {int(i.ReferencedFrameNumber) for i in items} <= set(range(1, 10))
+
+
+def test_a_series_split_over_two_multiframe_files_is_one_stack_and_gets_no_seg(
+    twins: tuple[PhantomManifest, PhantomManifest], tmp_path: Path
+) -> None:
+    """Legacy converters may split a series into several instances: the frames of both files make
+    one stack (and the same masks as the classic twin); the SEG, which highdicom builds on exactly
+    one multi-frame source, is refused with the reason."""
+    import highdicom as hd
+
+    from netrt.errors import NetrtError
+
+    classic = load_found_study(twins[1].out_dir / "dicom")
+    folder = tmp_path / "split"
+    folder.mkdir()
+    slices = [pydicom.dcmread(p) for p in classic.images.files]
+    half = len(slices) // 2
+    frame_of: dict[str, tuple[str, int]] = {}
+    for name, part in (("MF1.dcm", slices[:half]), ("MF2.dcm", slices[half:])):
+        instance = pydicom.uid.generate_uid()
+        converted = hd.legacy.LegacyConvertedEnhancedCTImage(
+            part, series_instance_uid=classic.images.series_instance_uid, series_number=1,
+            sop_instance_uid=instance, instance_number=1 if name == "MF1.dcm" else 2,
+        )  # fmt: skip
+        converted.save_as(folder / name, enforce_file_format=True)
+        for number, item in enumerate(converted.PerFrameFunctionalGroupsSequence, 1):
+            frame_of[str(item.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID)] = (instance, number)
+    rs = pydicom.dcmread(classic.rtstruct_file)
+    for item in [
+        *[i for f in rs.ReferencedFrameOfReferenceSequence for s in f.RTReferencedStudySequence
+          for r in s.RTReferencedSeriesSequence for i in r.ContourImageSequence],
+        *[i for roi in rs.ROIContourSequence for c in roi.ContourSequence for i in c.ContourImageSequence],
+    ]:  # fmt: skip
+        item.ReferencedSOPClassUID = LEGACY_CT
+        item.ReferencedSOPInstanceUID, item.ReferencedFrameNumber = frame_of[str(item.ReferencedSOPInstanceUID)]
+    rs.save_as(folder / "RS.dcm", enforce_file_format=True)
+
+    study = load_found_study(folder)
+    assert len(study.images.files) == 2 and set(study.images.slice_files) == {0, 1}
+    assert study.images.geometry.is_close(classic.images.geometry, atol_mm=1e-6)
+    assert np.array_equal(read_image_volume(study.images), read_image_volume(classic.images))
+    processing = ProcessingConfig(outputs=["overlay", "seg"])
+    masks = compute_mask(study, processing, tmp_path / "work")
+    twin = compute_mask(classic, processing, tmp_path / "work-classic")
+    assert np.array_equal(load_mask(masks.mask_path), load_mask(twin.mask_path))
+    (axial,) = write_output(study, masks, "overlay", "axial", processing, tmp_path / "work")
+    assert len(axial.files) == len(slices)
+    with pytest.raises(NetrtError, match="split over 2 multi-frame files"):
+        write_output(study, masks, "seg", "study", processing, tmp_path / "work")
