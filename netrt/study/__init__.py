@@ -38,6 +38,9 @@ The package has one module per job; every public name is importable from ``netrt
   received images;
 * :mod:`netrt.study.stack`: slice headers and stack geometry (one regular grid, missing slices);
 * :mod:`netrt.study.pixels`: pixel data checks and decoding (:func:`read_image_volume`);
+* :mod:`netrt.study.multiframe`: enhanced multi-frame images (Enhanced CT/MR, Legacy Converted
+  Enhanced CT/MR), each frame one slice, read from the functional groups;
+* :mod:`netrt.study.classic`: classic single-frame CT/MR datasets of those frames, for the outputs;
 * :mod:`netrt.study.loader`: :func:`load_study` and the other entry points;
 * :mod:`netrt.study.model`: the public data classes; :mod:`netrt.study._common`: constants and helpers.
 """
