@@ -27,7 +27,8 @@ RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 MEDIA_STORAGE_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
 
 #: Single-frame image SOP classes whose slices NETRT stacks into a volume. The enhanced
-#: (multi-frame) classes carry their geometry in functional groups and are refused by name.
+#: (multi-frame) CT/MR classes carry their geometry in functional groups and are read frame by frame
+#: (:data:`netrt.study.multiframe.ENHANCED_SOP_CLASSES`); any other class is refused by name.
 IMAGE_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",

@@ -78,7 +78,8 @@ def load_study(files: Sequence[Path], structure_sets: str = "latest") -> LoadedS
     Groups the files by series, picks the RTSTRUCT (the newest, if several reference the same
     series; with ``structure_sets`` ``each`` or ``merge`` every one on that series, see
     :func:`netrt.study.structure_set._choose_structure_set`), resolves the image series it
-    references, and checks that series: supported single-
+    references, and checks that series (the frames of enhanced multi-frame images count as slices,
+    see :mod:`netrt.study.multiframe`): supported single-
     frame SOP class, one frame of reference (the RTSTRUCT's too), every referenced image present,
     one orientation, matrix size and pixel spacing, geometry tags present, slices evenly spaced
     along the normal, pixel data present with a decoder installed, and the first and last slices
