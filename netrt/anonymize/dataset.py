@@ -394,6 +394,24 @@ def _clean(
 # --------------------------------------------------------------------------------------------------
 
 
+def _may_identify(ds: Dataset, tag: BaseTag, table: ProfileTable, options: frozenset[Option], with_uids: bool) -> bool:
+    """False when :func:`collect_identifiers` would take nothing from element ``tag`` of ``ds``,
+    decided from its raw VR and the profile without decoding its value (decoding every element of
+    every header made collecting a 60-slice study's identifiers take seconds). Raw elements of
+    implicit-VR files (no VR) and UN are decoded to learn their VR, as before."""
+    vr = ds.get_item(tag).VR
+    if vr is None or vr == "UN":
+        vr = ds[tag].VR
+    if vr in ("SQ", "PN"):
+        return True
+    action = effective_action(tag, table, options)
+    if action is None or action in ("K", "C"):
+        return False
+    if vr == "UI":
+        return with_uids and ("U" in action or action == "D")
+    return vr in DATE_VRS or vr in TEXT_VRS
+
+
 def collect_identifiers(
     ds: Dataset, table: ProfileTable, options: frozenset[Option], out: set[str], uids: set[str] | None = None
 ) -> None:
@@ -408,6 +426,8 @@ def collect_identifiers(
     for tag in _tags(ds):
         if tag.is_private or tag.element == 0:
             continue
+        if not _may_identify(ds, tag, table, options, uids is not None):
+            continue  # not decoded: most of a header (numbers, codes, kept attributes) is skipped unread
         elem = ds[tag]
         if elem.VR == "SQ":
             for item in elem.value:
