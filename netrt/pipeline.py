@@ -27,7 +27,7 @@ from pydicom import dcmread
 from netrt import __version__
 from netrt.anonymize import anonymize_study, map_uid
 from netrt.config import AnonymizationConfig, ProcessingConfig
-from netrt.errors import StudyValidationError
+from netrt.errors import RoiError, StudyValidationError
 from netrt.masks import (
     BoolArray,
     MergedMask,
@@ -324,7 +324,15 @@ def compute_mask(study: LoadedStudy, processing: ProcessingConfig, work_dir: Pat
         infos = _merged_roi_infos(several, [r for r in merged.rois if r.kept])
         warnings = [*several.warnings, *merged.warnings]
     else:
-        merged = merge_rois(read_structure_set(study.rtstruct_file), study.images.geometry, include, ignore, keep)
+        try:
+            merged = merge_rois(read_structure_set(study.rtstruct_file), study.images.geometry, include, ignore, keep)
+        except RoiError as exc:
+            if study.structure_set_mode != "each" or not study.structure_sets:
+                raise
+            # `each`: say which of the structure sets has nothing to show (the study fails as a whole,
+            # as with one RTSTRUCT: an output of nothing is a problem the user must see)
+            info = study.structure_sets[0]
+            raise RoiError(exc.roi_name, f"RTSTRUCT {_describe(info)}: {exc.reason}") from exc
         infos = read_roi_infos(study.rtstruct_file, [(r.number, r.name) for r in merged.rois if r.kept])
         warnings = merged.warnings
     mask = fill_missing_mask_slices(merged.mask, study.images)

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from netrt.config import AnonymizationConfig, ProcessingConfig
-from netrt.errors import StudyValidationError
+from netrt.errors import RoiError, StudyValidationError
 from netrt.outputs.base import WrittenSeries
 from netrt.phantom import PhantomManifest, PhantomSpec, roi_contains, write_phantom
 from netrt.pipeline import (
@@ -264,6 +264,21 @@ def test_each_with_one_structure_set_still_names_it_and_keeps_its_uids_apart_fro
     ((_, (latest_overlay,)),) = latest
     assert description(each_overlay) == "NETRT axial overlay [NETRT_PHANTOM]"
     assert each_overlay.series_instance_uid != latest_overlay.series_instance_uid
+
+
+def test_each_fails_naming_the_structure_set_that_keeps_no_roi(
+    study: tuple[PhantomManifest, Path, Path, Path], tmp_path: Path
+) -> None:
+    manifest, dicom, _, plan_b = study
+    structure_set(manifest.rtstruct_file, plan_b, "COUCH", "20250102", "080000", rois={"Skull": "Skull"})
+    loaded = load_study(files_of(dicom), "each")
+    processing = ProcessingConfig(structure_sets="each")
+    (couch, plan_a) = structure_set_studies(loaded)
+    assert compute_mask(plan_a, processing, tmp_path / "a").kept == SHAPES
+    with pytest.raises(RoiError) as caught:
+        compute_mask(couch, processing, tmp_path / "b")
+    assert "RS_B.dcm" in str(caught.value) and "'COUCH'" in str(caught.value)
+    assert "no ROI is left" in str(caught.value)
 
 
 # --- merge ------------------------------------------------------------------------------------
