@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from netrt.config import ProcessingConfig
@@ -27,7 +28,14 @@ from netrt.masks import load_mask
 from netrt.outputs.rois import load_roi_mask
 from netrt.phantom import PhantomManifest, PhantomSpec, write_phantom
 from netrt.pipeline import compute_mask, write_output
-from netrt.study import LoadedStudy, load_found_study, load_study, read_image_volume
+from netrt.study import (
+    LoadedStudy,
+    load_found_study,
+    load_study,
+    read_cross_sections,
+    read_image_volume,
+    read_source_image,
+)
 
 from .conftest import free_port, require_shared, require_tool
 from .overlay_check import score_series
@@ -90,6 +98,12 @@ def test_the_multiframe_file_loads_as_the_same_stack_as_its_classic_twin(
     assert study.images.positions == pytest.approx(twin.images.positions)
     assert study.warnings == twin.warnings == ()
     assert np.array_equal(read_image_volume(study.images), read_image_volume(twin.images))  # HU, every frame's rescale
+    source, source_twin = read_source_image(study.images), read_source_image(twin.images)
+    assert np.array_equal(sitk.GetArrayFromImage(source), sitk.GetArrayFromImage(source_twin))
+    assert source.GetOrigin() == pytest.approx(source_twin.GetOrigin())
+    cuts, cuts_twin = read_cross_sections(study.images, 7, 40, 30), read_cross_sections(twin.images, 7, 40, 30)
+    for plane in ("axial", "coronal", "sagittal"):
+        assert np.array_equal(getattr(cuts, plane), getattr(cuts_twin, plane)), plane
 
 
 def test_masks_equal_the_classic_twins_bit_for_bit(outputs: dict[str, Any]) -> None:
@@ -562,3 +576,28 @@ def test_a_series_split_over_two_multiframe_files_is_one_stack_and_gets_no_seg(
     assert len(axial.files) == len(slices)
     with pytest.raises(NetrtError, match="split over 2 multi-frame files"):
         write_output(study, masks, "seg", "study", processing, tmp_path / "work")
+
+
+def test_an_rle_compressed_multiframe_file_gives_the_same_volume_and_uncompressed_classic_outputs(
+    twins: tuple[PhantomManifest, PhantomManifest], tmp_path: Path
+) -> None:
+    """Frames of an encapsulated (RLE Lossless) multi-frame file are decoded one by one; the axial
+    overlay images hold each frame's stored values, uncompressed (Explicit VR Little Endian)."""
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+
+    path = copy_study(twins[0], tmp_path / "dicom")
+    edited(path, lambda ds: ds.compress(RLELossless))
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == RLELossless
+    study = load_found_study(tmp_path / "dicom")
+    twin: LoadedStudy = load_found_study(twins[1].out_dir / "dicom")
+    assert np.array_equal(read_image_volume(study.images), read_image_volume(twin.images))
+    processing = ProcessingConfig()
+    masks = compute_mask(study, processing, tmp_path / "work")
+    (axial,) = write_output(study, masks, "overlay", "axial", processing, tmp_path / "work")
+    frames = pydicom.dcmread(twins[0].image_files[0]).pixel_array
+    for output in axial.files[::7]:
+        ds = pydicom.dcmread(output)
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        frame = int(ds.SourceImageSequence[0].ReferencedFrameNumber)
+        assert np.array_equal(ds.pixel_array, frames[frame - 1])
+    assert not dciodvfy_errors(axial.files[len(axial.files) // 2])
