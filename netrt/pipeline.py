@@ -42,7 +42,7 @@ from netrt.masks import (
     selection_reason,
 )
 from netrt.outputs.base import STUDY, OutputContext, WrittenSeries, output_kind
-from netrt.outputs.rois import RoiBox, RoiInfo, read_roi_infos, save_roi_boxes
+from netrt.outputs.rois import FALLBACK_PALETTE, RoiBox, RoiInfo, read_roi_infos, save_roi_boxes
 from netrt.preview import Preview, preview_study
 from netrt.settings import PLANE_NUMBER, kind_settings_key, settings_key
 from netrt.stamps import FileStamp, files_unchanged, stamp_file, stamp_files
@@ -293,13 +293,29 @@ def merged_structure_sets(study: LoadedStudy, processing: ProcessingConfig) -> M
 
 
 def _merged_roi_infos(merged: MergedStructureSets, kept: list[RoiReport]) -> list[RoiInfo]:
-    """Names, colours and types of the kept merged ROIs, each read from its own RTSTRUCT."""
-    infos: list[RoiInfo] = []
+    """Names, colours and types of the kept merged ROIs, each read from its own RTSTRUCT.
+
+    An ROI without ROIDisplayColor takes the next :data:`FALLBACK_PALETTE` colour that no kept ROI
+    of any of the structure sets uses, so two such ROIs from different files never share one.
+    """
+    wanted: dict[Path, list[tuple[int, int, str]]] = {}
     for report in kept:
         info, number = merged.origins[report.number]
-        (roi_info,) = read_roi_infos(info.path, [(number, report.name)])
-        infos.append(replace(roi_info, number=report.number))
-    return infos
+        wanted.setdefault(info.path, []).append((report.number, number, report.name))
+    by_number: dict[int, RoiInfo] = {}
+    for path, rois in wanted.items():
+        read = read_roi_infos(path, [(number, name) for _, number, name in rois])
+        for (new_number, _, _), roi_info in zip(rois, read, strict=True):
+            by_number[new_number] = replace(roi_info, number=new_number)
+    infos = [by_number[report.number] for report in kept]
+    used = {roi.color for roi in infos if roi.color_from_rtstruct}
+    palette = iter(c for c in FALLBACK_PALETTE if c not in used)
+    out = []
+    for index, roi in enumerate(infos):
+        if not roi.color_from_rtstruct:
+            roi = replace(roi, color=next(palette, FALLBACK_PALETTE[index % len(FALLBACK_PALETTE)]))
+        out.append(roi)
+    return out
 
 
 def compute_mask(study: LoadedStudy, processing: ProcessingConfig, work_dir: Path) -> MaskStepResult:

@@ -312,6 +312,25 @@ def test_merge_combines_the_rois_and_the_newer_wins_a_name_clash_with_a_warning(
     assert overlay_inside(manifest, list(overlay.files), "sphere") == 0
 
 
+def test_merge_gives_rois_without_a_colour_distinct_fallback_colours_across_files(
+    study: tuple[PhantomManifest, Path, Path, Path], tmp_path: Path
+) -> None:
+    _, dicom, plan_a, plan_b = study
+
+    def without_colours(ds: Dataset) -> None:
+        for item in ds.ROIContourSequence:
+            del item.ROIDisplayColor
+
+    for path in (plan_a, plan_b):
+        ds = pydicom.dcmread(path)
+        without_colours(ds)
+        ds.save_as(path, enforce_file_format=True)
+    masks = compute_mask(load_study(files_of(dicom), "merge"), ProcessingConfig(structure_sets="merge"), tmp_path / "m")
+    colours = [info.color for info in masks.roi_infos]
+    assert len(colours) == 4 and len(set(colours)) == 4
+    assert not any(info.color_from_rtstruct for info in masks.roi_infos)
+
+
 def test_merge_refuses_a_clash_between_equally_new_structure_sets_naming_both(
     study: tuple[PhantomManifest, Path, Path, Path], tmp_path: Path
 ) -> None:
