@@ -2,6 +2,9 @@
 
 validate -> anonymize -> extract-masks -> write-<plane> (axial beside coronal, then sagittal) -> preview
 -> deliver-<name> (concurrently, one per destination). Tasks exchange paths, UIDs and small reports only.
+With ``processing.structure_sets: each`` the study is split into one part per RTSTRUCT on its
+series (:func:`netrt.pipeline.plan_structure_sets`): extract-masks and every write task run once per
+part, keyed and labelled by it (``write-axial [PLAN_A]``); the preview is of the newest part.
 
 Caching: the deterministic tasks (anonymize, extract-masks, write-<plane>, preview) cache on an
 explicit key built from the content of the study's files (:func:`netrt.pipeline.study_fingerprint`),
