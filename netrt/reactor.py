@@ -51,13 +51,17 @@ import pynetdicom
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
 #: Longest a waiting thread sleeps without an event: how late a timer (ARTIM, network idle) or a
 #: kill from another thread can be noticed. pynetdicom's polling looked every 1 ms.
 WAIT_SECONDS = 0.02
 
-#: The pynetdicom these copies were taken from; :func:`pinned_sources` names what was copied.
+#: P-DATA fragments queued for the DUL thread before it is woken in the middle of a message.
+WAKE_BATCH = 8
+
+#: The pynetdicom these copies were taken from; :data:`PINNED_SOURCES` names what was copied.
 PYNETDICOM_VERSION = "3.0.4"
 
 
@@ -76,6 +80,16 @@ class EventDrivenDUL(DULServiceProvider):
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
+        # A DIMSE message is queued as many P-DATA fragments (16 KiB each to Orthanc: 20 for a CT
+        # slice), one call each: waking the thread for each costs a syscall and a switch of the GIL
+        # per fragment. The end of the message wakes it (make_event_driven wraps DIMSE send_msg),
+        # so does a queue of WAKE_BATCH fragments; it then sends all that is queued without waiting.
+        if isinstance(primitive, P_DATA) and self.to_provider_queue.qsize() < WAKE_BATCH:
+            return
+        self._wake()
+
+    def message_queued(self) -> None:
+        """The association thread has queued a whole DIMSE message: send it."""
         self._wake()
 
     def kill_dul(self) -> None:
@@ -284,6 +298,15 @@ def make_event_driven(assoc: Association) -> None:
     assoc.acse_timeout = assoc.acse_timeout
     assoc.network_timeout = assoc.network_timeout
     setattr(assoc, "_run_reactor", types.MethodType(_run_reactor, assoc))  # noqa: B010  (this instance only)
+    send_msg = assoc.dimse.send_msg
+
+    def send_msg_then_wake(primitive: Any, context_id: int) -> None:
+        try:
+            send_msg(primitive, context_id)
+        finally:
+            dul.message_queued()
+
+    setattr(assoc.dimse, "send_msg", send_msg_then_wake)  # noqa: B010  (this instance only)
 
 
 def read_exactly(sock: socket.socket, nr_bytes: int) -> bytearray:
@@ -316,6 +339,10 @@ PINNED_SOURCES: dict[str, str] = {
     "pynetdicom.dul:DULServiceProvider.__init__": "c82dafa9438ddf70",
     # copied into EventDrivenDUL._run_reactor_loop
     "pynetdicom.dul:DULServiceProvider.run_reactor": "e3a10eb3a0931e48",
+    # the only producer of P-DATA primitives: queues every fragment of a message, then returns
+    "pynetdicom.dimse:DIMSEServiceProvider.send_msg": "a839cf2fb46976d9",
+    # P-DATA fragments of a message are queued one by one
+    "pynetdicom.dimse_messages:DIMSEMessage.encode_msg": "73000c902c52832d",
     # extended: wake-up
     "pynetdicom.dul:DULServiceProvider.send_pdu": "7cbce5da8594124e",
     # extended: wake-up
