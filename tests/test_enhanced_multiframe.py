@@ -246,6 +246,36 @@ def test_frames_not_parallel_are_refused_naming_the_frame(
     assert caught.value.reason.startswith("frame 8: orientation")
 
 
+def _spacing(ds: Dataset) -> None:
+    measures = Dataset()
+    measures.PixelSpacing = [2.5, 2.0]
+    measures.SliceThickness = 2.0
+    ds.PerFrameFunctionalGroupsSequence[3].PixelMeasuresSequence = [measures]
+
+
+def _one_item_fewer(ds: Dataset) -> None:
+    del ds.PerFrameFunctionalGroupsSequence[-1]
+
+
+@pytest.mark.parametrize(
+    ("change", "tag", "reason"),
+    [
+        (_spacing, "(0028,0030) PixelSpacing", "frame 4: pixel spacing [2.5, 2.0] mm differs from CT_MF.dcm frame"),
+        (_one_item_fewer, "(5200,9230) PerFrameFunctionalGroupsSequence", "frames (NumberOfFrames) but 59 per-frame"),
+    ],
+    ids=["pixel-spacing-differs", "per-frame-items-missing"],
+)
+def test_inconsistent_functional_groups_are_refused_naming_file_tag_and_frame(
+    twins: tuple[PhantomManifest, PhantomManifest], tmp_path: Path, change: Any, tag: str, reason: str
+) -> None:
+    path = copy_study(twins[0], tmp_path / "dicom")
+    edited(path, change)
+    with pytest.raises(StudyValidationError) as caught:
+        load_found_study(tmp_path / "dicom")
+    assert caught.value.path == path and caught.value.tag == tag
+    assert reason in caught.value.reason
+
+
 def test_uneven_frame_spacing_is_refused_naming_the_frames(
     twins: tuple[PhantomManifest, PhantomManifest], tmp_path: Path
 ) -> None:
