@@ -458,3 +458,35 @@ def test_netrt_process_each_delivers_the_series_of_every_structure_set(
     text = summary.read_text()
     assert "## Structure sets processed" in text and "PLAN_A" in text and "PLAN_B" in text
     assert "each processed on its own" in text
+
+
+@pytest.mark.slow
+def test_the_flow_merges_in_full_mode_with_the_received_order_and_names(
+    prefect_harness: None, study: tuple[PhantomManifest, Path, Path, Path], tmp_path: Path
+) -> None:
+    """Full anonymization through the process-study flow: the copies lose the dates, the newer
+    structure set still wins the clash, and the warnings name the received files, no received UID."""
+    from flows.process_study import process_study
+
+    manifest, dicom, plan_a, plan_b = study
+    data = tmp_path / "data"
+    config = tmp_path / "netrt.yaml"
+    config.write_text(
+        f"paths: {{data_dir: {data}}}\nprefect: {{server_port: {free_port()}}}\n"
+        "anonymization: {enabled: true, mode: full}\n"
+        "processing: {structure_sets: merge, planes: [axial], outputs: [overlay]}\n"
+    )
+    summary = process_study(study_dir=str(dicom), config_file=str(config))
+    assert summary["rois_kept"] == ["Sphere", "torus", "box", "hollow_sphere"]
+    assert len(summary["structure_sets"]) == 2
+    (clash,) = [w for w in summary["warnings"] if w.startswith("ROI 'sphere'")]
+    assert "RS_B.dcm" in clash and "RS.dcm" in clash and "the newer one's is used" in clash
+    received = {sop(plan_a), sop(plan_b), manifest.study_instance_uid}
+    text = json.dumps(summary)
+    assert not any(uid in text for uid in received)
+
+    ((series,),) = [[s for s in summary["series"] if s["kind"] == "overlay"]]
+    files = sorted((data / "output" / summary["study_instance_uid"] / series["series_instance_uid"]).glob("*.dcm"))
+    for score in score_series(manifest, files, ["box", "hollow_sphere", "torus"]):
+        assert score.dice >= 0.98, score
+    assert overlay_inside(manifest, files, "sphere") == 0
