@@ -44,10 +44,15 @@ def test_the_second_reader_gets_the_stored_values(tmp_path: Path) -> None:
     assert _decoded_here(first)  # decoded here: the SimpleITK image's buffer, then stored
     stored = list((tmp_path / "cache").glob("volume-*.npy"))
     assert [p.name for p in stored] == [f"volume-{volume_key(study.images)}.npy"]
+    # while a writer holds the volume, another one in this process gets the same array (not a copy)
+    assert source_volume(study.images, tmp_path / "cache") is first
+    kept = first.copy()
+    assert not first.flags.writeable
+    del first
     second = source_volume(study.images, tmp_path / "cache")
     assert not _decoded_here(second)  # read from the file
-    assert not second.flags.writeable and not first.flags.writeable
-    np.testing.assert_array_equal(second, first)
+    assert not second.flags.writeable
+    np.testing.assert_array_equal(second, kept)
     np.testing.assert_array_equal(second, _decoded(study))
     assert second.dtype == np.int16
 
@@ -86,6 +91,7 @@ def test_a_damaged_cache_file_is_ignored(tmp_path: Path, damage: str) -> None:
     values = source_volume(study.images, tmp_path / "cache")
     assert _decoded_here(values)  # decoded again, not read
     np.testing.assert_array_equal(values, _decoded(study))
+    del values
     reread = source_volume(study.images, tmp_path / "cache")
     assert not _decoded_here(reread)
     np.testing.assert_array_equal(reread, _decoded(study))

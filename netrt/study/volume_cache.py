@@ -17,7 +17,9 @@ Remembered state, so it must never lie:
   final name; a file whose header does not give the grid's shape and one of the two pixel types is
   ignored and decoded again.
 * Concurrent writers in one process (the flow's thread pool) wait for the first instead of
-  decoding in parallel; across processes each decodes and the last rename wins (same content).
+  decoding in parallel, and share the one read-only array while any of them holds it (the volume
+  is not held twice in memory); across processes each decodes and the last rename wins (same
+  content).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,10 @@ _PIXEL_TYPES = (np.dtype(np.int16), np.dtype(np.float32))
 
 _locks_guard = threading.Lock()
 _locks: dict[Path, threading.Lock] = {}
+#: Volumes handed out and still in use somewhere in this process, by cache file: writers running at
+#: the same time (the flow runs axial kinds beside the reformats) share one array instead of each
+#: holding its own copy; the entry goes when the last user drops the array.
+_in_use: weakref.WeakValueDictionary[Path, npt.NDArray[Any]] = weakref.WeakValueDictionary()
 
 
 def volume_key(series: ImageSeries) -> str:
@@ -104,11 +111,16 @@ def source_volume(series: ImageSeries, cache_dir: Path | None) -> npt.NDArray[An
         return np.asarray(_ImageBuffer(read_source_image(series)))
     path = Path(cache_dir) / f"volume-{volume_key(series)}.npy"
     with _lock_for(path):
+        shared = _in_use.get(path)
+        if shared is not None and path.exists():
+            return shared
         cached = _load(path, series) if path.exists() else None
         if cached is not None:
             cached.flags.writeable = False
+            _in_use[path] = cached
             return cached
         values = np.asarray(_ImageBuffer(read_source_image(series)))
         path.parent.mkdir(parents=True, exist_ok=True)
         _store(values, path)
+        _in_use[path] = values
         return values
