@@ -14,7 +14,18 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import accuracy, deliver, endtoend, oneoff, orchestration, outputs, process, receive, scaling
+from bench import (
+    accuracy,
+    deliver,
+    endtoend,
+    flowmemory,
+    oneoff,
+    orchestration,
+    outputs,
+    process,
+    receive,
+    scaling,
+)
 from bench.report import DEFAULT_OUT, Options, write_section, write_summary
 
 # Figure name -> function measuring it and returning its Markdown section (issue 9's order).
@@ -28,6 +39,7 @@ FIGURES: dict[str, Callable[[Options], str]] = {
     accuracy.FIGURE: accuracy.run,
     oneoff.FIGURE: oneoff.run,
     outputs.FIGURE: outputs.run,
+    flowmemory.FIGURE: flowmemory.run,
 }
 
 

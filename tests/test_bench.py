@@ -31,7 +31,18 @@ from .conftest import IN_CI, REPO, require_tool
 TIMEOUT_S = 1800  # the whole smoke benchmark takes minutes, more on a loaded machine
 pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.timeout(TIMEOUT_S)]
 
-ALL = ("receive", "deliver", "process", "endtoend", "orchestration", "scaling", "accuracy", "oneoff", "outputs")
+ALL = (
+    "receive",
+    "deliver",
+    "process",
+    "endtoend",
+    "orchestration",
+    "scaling",
+    "accuracy",
+    "oneoff",
+    "outputs",
+    "flowmemory",
+)
 KEPT = "<!-- bench:scale:start -->\n## Scale (another helper's section)\n\nkept as it is\n<!-- bench:scale:end -->"
 
 
@@ -138,6 +149,7 @@ def test_one_command_writes_every_section_and_the_summary_keeping_the_rest(smoke
         "accuracy": ["7. Mask accuracy"],
         "oneoff": ["8. One-off `netrt process` overhead"],
         "outputs": ["9. Output kinds: overlay+SEG+colour vs overlay only"],
+        "flowmemory": ["10. Flow run: peak RSS, 100 slices"],
     }
     names = [_cells(line)[0] for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert names == [name for figure in smoke.figures for name in expected[figure]]
@@ -252,6 +264,7 @@ def test_endtoend_section(smoke: Run) -> None:
     assert abs(total - sum(parts)) <= 0.03
     assert value("- flow") > 0 and value("**direct") > 0
     assert re.search(r"Node / direct = \*\*\d+\.\d+x\*\*", section)
+    assert re.search(r"Target \(issue 20\): <= 1.3x: (met|\*\*missed by \d+\.\d+x\*\*)", section)
 
 
 def test_scaling_section(smoke: Run) -> None:
@@ -313,3 +326,14 @@ def test_outputs_section(smoke: Run) -> None:
     assert re.search(r"target <= 1.6x: (met|\*\*missed\*\*)", section)
     assert re.search(r"all outputs \d+ MiB = \*\*\d+\.\d+x\*\* the decoded pixels", section)
     assert "write seg" in section and "write color-sagittal" in section
+
+
+def test_flowmemory_section(smoke: Run) -> None:
+    section = smoke.section("flowmemory")
+    rows = _rows(section)
+    pixels = float(rows["decoded pixel bytes (rows x columns x slices x 2)"][1].split()[0])
+    peak = float(rows["peak RSS of `netrt process`, median (min-max)"][1].split()[0])
+    ratio = float(rows["**peak RSS / pixel bytes**"][1].strip("*x"))
+    assert pixels > 0 and peak > 50  # a real process with Prefect and the imaging stack loaded
+    assert abs(ratio - peak / pixels) <= 0.01 * ratio + 0.01  # the ratio is of the MiB shown, to their rounding
+    assert re.search(r"peak RSS <= 2x the decoded pixel bytes: (met|\*\*missed by \d+\.\d+x\*\*)", section)
