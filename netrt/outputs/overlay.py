@@ -121,7 +121,8 @@ def write_overlay_series(context: OutputContext, plane: str, burn_in: bool) -> l
     boxes = _group_boxes(context.roi_masks, groups) if per_roi else []
     if plane == "axial":
         received = list(study.images.slice_indices)
-        rows = mask[received]
+        # every grid slice received (the usual case): the mask itself, not a second mask-sized copy
+        rows = mask if received == list(range(mask.shape[0])) else mask[received]
         del mask
 
         def layers(index: int) -> list[BoolArray]:
