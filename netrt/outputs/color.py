@@ -188,7 +188,7 @@ def _crop(mask: BoolArray) -> tuple[int, int, BoolArray] | None:
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return None
-    cols = np.flatnonzero(mask.any(axis=0))
+    cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))  # only the rows that hold the ROI
     r0, c0 = max(int(rows[0]) - 1, 0), max(int(cols[0]) - 1, 0)
     r1, c1 = min(int(rows[-1]) + 2, mask.shape[0]), min(int(cols[-1]) + 2, mask.shape[1])
     return r0, c0, mask[r0:r1, c0:c1]
@@ -207,7 +207,8 @@ def draw_slice(
     outline (where two outlines meet, the later ROI's colour wins), then the legend and disclaimer.
     Returns a new ``[row, col, 3]`` uint8 array; the inputs are not changed.
     """
-    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
+    rgb[...] = grey[:, :, None]
     crops = [(np.asarray(color, dtype=np.float32), _crop(mask)) for color, mask in rois]
     if fill_opacity > 0:
         for color, cropped in crops:
@@ -223,7 +224,7 @@ def draw_slice(
         r0, c0, inside = cropped
         region = rgb[r0 : r0 + inside.shape[0], c0 : c0 + inside.shape[1]]
         region[outline(inside)] = color.astype(np.uint8)
-    return composite(rgb, annotation)
+    return composite(rgb, annotation, in_place=True)
 
 
 # --- DICOM --------------------------------------------------------------------------------

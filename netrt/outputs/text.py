@@ -200,8 +200,9 @@ def render_annotation(
     return Annotation(rows, columns, box, rgb, alpha, legend_box, disclaimer_box, size)
 
 
-def composite(image: UInt8Array, annotation: Annotation) -> UInt8Array:
-    """``image`` (``[row, column, 3]`` uint8) with the annotation blended on; a new array.
+def composite(image: UInt8Array, annotation: Annotation, *, in_place: bool = False) -> UInt8Array:
+    """``image`` (``[row, column, 3]`` uint8) with the annotation blended on; a new array, or
+    ``image`` itself blended in place with ``in_place`` (a caller's own scratch image).
 
     Each pixel becomes ``image * (1 - a) + text * a`` with ``a`` the coverage, rounded; pixels
     outside the annotation's box are copied unchanged.
@@ -211,7 +212,7 @@ def composite(image: UInt8Array, annotation: Annotation) -> UInt8Array:
             f"image {image.shape} {image.dtype} does not match the annotation's "
             f"{annotation.rows} x {annotation.columns} x 3 uint8"
         )
-    result = image.copy()
+    result = image if in_place else image.copy()
     rows, columns, keep, weighted = annotation.blend_terms
     under = result[rows, columns].astype(np.uint16)
     result[rows, columns] = ((under * keep + weighted) // 255).astype(np.uint8)
