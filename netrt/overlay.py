@@ -381,9 +381,14 @@ class _PixelFormat:
     def to_stored(self, values: npt.NDArray[np.floating[Any]]) -> npt.NDArray[Any]:
         """Modality values -> stored values: inverse rescale, round, clip to the stored range."""
         lowest, highest = stored_range(self.bits_stored, self.pixel_representation)
-        if self.slope != 1 or self.intercept != 0:
-            values = (values - self.intercept) / self.slope
-        stored: npt.NDArray[Any] = np.clip(np.rint(values), lowest, highest).astype(self.dtype)
+        # one working copy, then in place: the same float operations as the plain expression
+        # ``clip(rint((values - intercept) / slope))`` without four slab-sized temporaries
+        work = values - self.intercept if self.intercept != 0 else values.copy()
+        if self.slope != 1:
+            work /= self.slope
+        np.rint(work, out=work)
+        np.clip(work, lowest, highest, out=work)
+        stored: npt.NDArray[Any] = work.astype(self.dtype)
         return stored
 
 
