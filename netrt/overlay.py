@@ -218,7 +218,7 @@ def _derivation(plane: str, source_series_uid: str, settings: SeriesSettings, bu
     if plane == "axial":
         what = "source pixel data unchanged" if not burn_in else "source pixel data with the mask outline burned in"
     else:
-        what = f"{plane} reformat of the source series (SimpleITK: linear image, signed-distance mask)" + (
+        what = f"{plane} reformat of the source series (linear image, signed-distance mask)" + (
             "; mask outline burned in" if burn_in else ""
         )
     if settings.layer_labels:

@@ -301,7 +301,7 @@ def _template(
         spacing: list[Any] = _ds_strings([geometry.spacing[1], geometry.spacing[0]])
         sc.PixelSpacing = spacing
         sc.SliceThickness = _ds_strings([geometry.spacing[2]])[0]
-    what = "source slices" if plane == "axial" else f"{plane} reformat (SimpleITK, as the overlay series)"
+    what = "source slices" if plane == "axial" else f"{plane} reformat (linear, as the overlay series)"
     sc.DerivationDescription = (
         f"NETRT colour series of {source.SeriesInstanceUID}: {what}, window {window.center:g}/{window.width:g} "
         f"({window.origin}); ROI outlines in their display colours: {', '.join(roi_names) or 'none'}"
