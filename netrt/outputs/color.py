@@ -44,12 +44,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
-from highdicom.sc import SCImage
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
@@ -70,6 +69,10 @@ from netrt.study import LoadedStudy
 from netrt.study.classic import SourceHeaders
 from netrt.study.volume_cache import source_volume
 from netrt.uids import derived_uid
+
+if TYPE_CHECKING:  # highdicom (and the pydicom code dictionaries it loads) is imported where used:
+    # it costs seconds at import, and a flow run without colour series never needs it
+    from highdicom.sc import SCImage
 
 _sitk: Any = sitk
 
@@ -266,6 +269,8 @@ def _template(
     _, rows, columns = geometry.shape
     row_letters = _orientation_letters(geometry.row_direction)
     column_letters = _orientation_letters(geometry.column_direction)
+    from highdicom.sc import SCImage
+
     sc = SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=np.zeros((rows, columns, 3), dtype=np.uint8),
