@@ -232,15 +232,6 @@ class ClassicFrames:
         dtype = np.dtype(f"<{'i' if signed else 'u'}{max(bits, 8) // 8}")
         ds.PixelData = np.ascontiguousarray(stored, dtype=dtype).tobytes()
         ds["PixelData"].VR = "OB" if bits == 8 else "OW"
-        if "LossyImageCompression" not in ds:
-            return
-        # the frame was decoded: what it went through before stays recorded, nothing new is lossy
-        ds.LossyImageCompression = _text(ds, "LossyImageCompression") or "00"
-
-
-def classic_frame_header(path: Path, frame_number: int) -> Dataset:
-    """The header (no pixels) of frame ``frame_number`` of an enhanced file as a classic image."""
-    return ClassicFrames(path).frame(frame_number, pixels=False)
 
 
 class SourceHeaders:
