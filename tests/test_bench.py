@@ -246,7 +246,7 @@ def test_deliver_section(smoke: Run) -> None:
     assert len(rows) == 2
     for row in rows:
         assert float(row.split("|")[3].split()[0]) > 0
-    assert re.search(r"Target: NETRT / storescu <= 2x: (met|missed by)", section), section
+    assert re.search(r"Target: NETRT / storescu <= 1.5x: (met|missed by)", section), section
 
 
 def test_endtoend_section(smoke: Run) -> None:

@@ -630,3 +630,69 @@ def test_association_rejections_are_classified_by_cause(
     seen = _Trace(connected=True, closed=True, rejection=received.to_primitive())
     assert _not_established(_destination(), seen, "NETRT").retryable is retryable
     assert words in str(_not_established(_destination(), seen, "NETRT"))
+
+
+# --- reading the instances (issue 20: file meta parsed here, digests on a background thread) ---------
+
+
+def test_file_meta_is_read_as_pydicom_reads_it(written: dict[str, Any], tmp_path: Path) -> None:
+    from pydicom.filereader import read_file_meta_info
+
+    from netrt.send import _parse_file_meta
+
+    for name in written["files"]:
+        meta = read_file_meta_info(name)
+        expected = (
+            str(meta.MediaStorageSOPClassUID),
+            str(meta.MediaStorageSOPInstanceUID),
+            str(meta.TransferSyntaxUID),
+        )
+        assert _parse_file_meta(Path(name).read_bytes()[:4096]) == expected
+    head = Path(written["files"][0]).read_bytes()[:4096]
+    assert _parse_file_meta(head[:200]) is None  # group 0002 cut short: pydicom reads the file
+    assert _parse_file_meta(b"\x00" * 132 + head[132:]) is None  # no DICM
+    assert _parse_file_meta(head[:128] + b"DICM") is None  # no file meta at all
+
+
+def test_instances_read_lazily_are_the_instances_read_at_once(written: dict[str, Any], tmp_path: Path) -> None:
+    from netrt.send import _Digests, _read_instance, _read_instance_lazily
+
+    paths = [Path(f) for f in written["files"][:10]]
+    unreadable = tmp_path / "gone.dcm"
+    unreadable.write_bytes(paths[0].read_bytes())
+    digests = _Digests([*paths, unreadable])
+    try:
+        unreadable.unlink()  # the file meta was read before; the digest thread may find it gone
+        for path, digest in zip(paths, digests.futures, strict=False):
+            lazy = _read_instance_lazily(_destination(), path, digest)
+            eager = _read_instance(_destination(), path)
+            got = (lazy.path, lazy.sop_class_uid, lazy.sop_instance_uid, lazy.transfer_syntax, lazy.sha256)
+            assert got == (eager.path, eager.sop_class_uid, eager.sop_instance_uid, eager.transfer_syntax, eager.sha256)
+    finally:
+        digests.close()
+
+
+def test_a_first_attempt_sends_a_repeated_instance_once_and_records_every_digest(
+    written: dict[str, Any], tmp_path: Path
+) -> None:
+    """The lazy first attempt (nothing acknowledged yet) keeps the upfront pass's semantics: the same
+    SOP instance with the same content listed twice goes once (counted with the earlier ones), and
+    each progress line carries the file's SHA-256, so a retry skips exactly those."""
+    from netrt.progress import _acknowledged
+    from netrt.send import _read_instance
+
+    from .store_scp import store_scp
+
+    files = [Path(f) for f in written["files"][:6]]
+    progress = tmp_path / "progress.jsonl"
+    with store_scp() as pacs:
+        destination = _destination(ae_title=pacs.ae_title, port=pacs.port)
+        outcome = send_to_dicom(
+            destination, [*files, files[0], files[3]], calling_ae_title="NETRT", progress_file=progress
+        )
+        again = send_to_dicom(destination, files, calling_ae_title="NETRT", progress_file=progress)
+    assert (outcome.instances, outcome.stored, outcome.earlier) == (8, 6, 2)
+    assert sorted(pacs.stored.values()) == [1] * 6
+    expected = {(i.sop_instance_uid, i.sha256) for i in (_read_instance(_destination(), f) for f in files)}
+    assert set(_acknowledged(progress)) == expected
+    assert "already acknowledged" in again.detail
