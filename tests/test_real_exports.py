@@ -1,0 +1,263 @@
+"""Real exports from planning and contouring systems, each against an independent rasteriser (issue 18).
+
+Every folder under ``tests/data/real/`` is one real export, vendored byte-for-byte with a
+PROVENANCE.txt (repository, commit, path, license, the system that wrote the RTSTRUCT). The MIM
+export in ``../shared/data`` is checked the same way (skipped with the reason when ``../shared`` is
+absent, failed in CI). Nothing is downloaded at test time.
+
+For each export:
+
+- NETRT loads the study (``load_found_study``: grouping, reference resolution, stack checks) and
+  every ROI is rasterised by the mask step's own rasteriser (``roi_mask``);
+- plastimatch (Debian ``plastimatch``) converts the same RTSTRUCT on the same CT
+  (``plastimatch convert --input RS --referenced-ct CTDIR --output-prefix OUT --prefix-format nii.gz``);
+- per ROI the two masks lie on the same grid and agree voxel for voxel, or with Dice >= 0.99 where
+  every voxel they disagree on has its centre exactly on the contour (within 1 micrometre of an
+  edge of a polygon on that slice): a pixel centre on the boundary is inside by one implementation's
+  tie rule and outside by the other's, which no rule makes "right";
+- the study also goes through the process-study steps (validate, mask, axial overlay series) and
+  its mask is the union of those per-ROI masks.
+
+Each export is a few CT slices, so each test takes well under a few seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from netrt.config import ProcessingConfig
+from netrt.geometry import ImageGeometry
+from netrt.masks import RoiContours, read_structure_set, roi_mask
+from netrt.study import LoadedStudy, load_found_study
+from tests.conftest import require_shared, require_tool
+from tests.test_hardening_corpus import run_folder
+
+REAL = Path(__file__).resolve().parent / "data" / "real"
+SHARED_MIM = "rtutils-mim-ge-phantom"
+ON_CONTOUR_MM = 1e-3  # a disagreeing voxel's centre must be this close to an edge of the slice's polygons
+MIN_DICE = 0.99
+MAX_DATASET_BYTES = 15 * 1024 * 1024
+
+
+def _local_datasets() -> list[str]:
+    return sorted(p.name for p in REAL.iterdir() if p.is_dir()) if REAL.is_dir() else []
+
+
+DATASETS = [*_local_datasets(), SHARED_MIM]
+
+
+def source_folder(name: str) -> Path:
+    if name == SHARED_MIM:
+        return require_shared(SHARED_MIM)
+    return REAL / name
+
+
+@dataclass(frozen=True)
+class Converted:
+    """One export, loaded by NETRT and converted by plastimatch (cached per test module)."""
+
+    folder: Path  # the copy NETRT loaded (DICOM files only)
+    study: LoadedStudy
+    rois: tuple[RoiContours, ...]
+    plastimatch_dir: Path
+
+
+_CACHE: dict[str, Converted] = {}
+
+
+def dicom_copy(source: Path, target: Path) -> Path:
+    """The export's DICOM files in a folder of their own (no PROVENANCE.txt, no reference masks)."""
+    target.mkdir(parents=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and pydicom.misc.is_dicom(path):
+            shutil.copy2(path, target / path.name)
+    return target
+
+
+def converted(name: str, tmp_path_factory: pytest.TempPathFactory) -> Converted:
+    if name in _CACHE:
+        return _CACHE[name]
+    plastimatch = require_tool("plastimatch")
+    source = source_folder(name)
+    work = tmp_path_factory.mktemp(name)
+    folder = dicom_copy(source, work / "study")
+    study = load_found_study(folder)
+    # plastimatch gets the processed series alone, as its --referenced-ct wants one CT folder
+    ct = work / "ct"
+    ct.mkdir()
+    for path in study.images.files:
+        shutil.copy2(path, ct / path.name)
+    out = work / "plastimatch"
+    done = subprocess.run(
+        [
+            plastimatch,
+            "convert",
+            "--input",
+            str(study.rtstruct_file),
+            "--referenced-ct",
+            str(ct),
+            "--output-prefix",
+            str(out),
+            "--prefix-format",
+            "nii.gz",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, f"plastimatch failed on {name}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    result = Converted(folder, study, tuple(read_structure_set(study.rtstruct_file)), out)
+    _CACHE[name] = result
+    return result
+
+
+def voxel_centres(geometry: ImageGeometry, index: npt.NDArray[np.intp]) -> npt.NDArray[np.float64]:
+    """Patient coordinates of voxels given as (slice, row, column) index rows."""
+    k, i, j = (index[:, n].astype(float)[:, None] for n in range(3))
+    sx, sy, sz = geometry.spacing
+    return np.asarray(
+        geometry.origin
+        + j * sx * geometry.row_direction
+        + i * sy * geometry.column_direction
+        + k * sz * geometry.normal,
+        dtype=float,
+    )
+
+
+def distance_to_contours(point: npt.NDArray[np.float64], polygons: list[npt.NDArray[np.float64]]) -> float:
+    """Shortest distance (mm) from a point to the closed polygons' edges (all in one plane)."""
+    best = np.inf
+    for polygon in polygons:
+        a = polygon
+        b = np.roll(polygon, -1, axis=0)
+        ab = b - a
+        t = np.clip(((point - a) * ab).sum(axis=1) / np.maximum((ab * ab).sum(axis=1), 1e-12), 0.0, 1.0)
+        best = min(best, float(np.linalg.norm(a + t[:, None] * ab - point, axis=1).min()))
+    return best
+
+
+def off_contour_disagreements(
+    ours: npt.NDArray[np.bool_], theirs: npt.NDArray[np.bool_], roi: RoiContours, geometry: ImageGeometry
+) -> list[str]:
+    """Voxels the two masks disagree on whose centre is not on the ROI's contour in its slice."""
+    index = np.argwhere(ours ^ theirs)
+    if not len(index):
+        return []
+    centres = voxel_centres(geometry, index)
+    half_slice = geometry.spacing[2] / 2
+    heights = [float(np.mean((c - geometry.origin) @ geometry.normal)) for c in roi.contours]
+    problems = []
+    for (k, i, j), centre in zip(index, centres, strict=True):
+        height = float((centre - geometry.origin) @ geometry.normal)
+        polygons = [c for c, h in zip(roi.contours, heights, strict=True) if abs(h - height) < half_slice]
+        distance = distance_to_contours(centre, polygons) if polygons else np.inf
+        if distance > ON_CONTOUR_MM:
+            side = "NETRT only" if ours[k, i, j] else "plastimatch only"
+            problems.append(f"[{k}, {i}, {j}] ({side}) centre {distance:.4f} mm from the contour")
+    return problems
+
+
+def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / total if total else 1.0
+
+
+def test_each_vendored_export_says_where_it_comes_from() -> None:
+    """Every folder under tests/data/real is DICOM plus a PROVENANCE.txt naming source, commit,
+    license and writer; small enough to keep in the repository."""
+    names = _local_datasets()
+    assert names, f"no real exports under {REAL}"
+    for name in names:
+        folder = REAL / name
+        provenance = (folder / "PROVENANCE.txt").read_text(encoding="utf-8")
+        for needle in ("Source repository:", "Commit:", "License:", "What wrote it:", "What we changed: nothing"):
+            assert needle in provenance, f"{name}/PROVENANCE.txt lacks {needle!r}"
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert all(p.name == "PROVENANCE.txt" or pydicom.misc.is_dicom(p) for p in files), name
+        assert sum(p.stat().st_size for p in files) < MAX_DATASET_BYTES, name
+        modalities = {
+            str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for p in files if p.name != "PROVENANCE.txt"
+        }
+        assert "RTSTRUCT" in modalities and modalities & {"CT", "MR", "PT"}, (name, modalities)
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_real_export_is_loaded_and_matches_plastimatch(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    got = converted(name, tmp_path_factory)
+    geometry = got.study.images.geometry
+    rows = []
+    compared = 0
+    for roi in got.rois:
+        ours, used, skipped = roi_mask(roi, geometry)
+        assert skipped == [], f"{name} {roi.name}: NETRT skipped contours: {skipped}"
+        path = got.plastimatch_dir / f"{roi.name}.nii.gz"
+        if not roi.contours:
+            continue
+        assert path.exists(), f"{name} {roi.name}: plastimatch wrote no mask ({sorted(got.plastimatch_dir.iterdir())})"
+        image = sitk.ReadImage(str(path))
+        # the same grid: plastimatch writes its masks on the referenced CT's grid
+        np.testing.assert_allclose(image.GetOrigin(), geometry.origin, atol=1e-3, err_msg=f"{name} {roi.name}")
+        np.testing.assert_allclose(image.GetSpacing(), geometry.spacing, atol=1e-4, err_msg=f"{name} {roi.name}")
+        np.testing.assert_allclose(
+            np.asarray(image.GetDirection()).reshape(3, 3).T,
+            np.stack([geometry.row_direction, geometry.column_direction, geometry.normal]),
+            atol=1e-6,
+            err_msg=f"{name} {roi.name}",
+        )
+        theirs = sitk.GetArrayFromImage(image).astype(bool)
+        assert theirs.shape == ours.shape, (name, roi.name)
+        differing = int((ours ^ theirs).sum())
+        score = dice(ours, theirs)
+        rows.append(f"{roi.name}: {int(ours.sum())} voxels, {differing} differ, Dice {score:.5f}")
+        assert int(ours.sum()) > 0, f"{name} {roi.name}: empty mask from {used} contours"
+        assert score >= MIN_DICE, f"{name} {roi.name}: Dice {score:.4f} against plastimatch"
+        problems = off_contour_disagreements(ours, theirs, roi, geometry)
+        assert problems == [], f"{name} {roi.name}: disagreements off the contour: {problems[:10]}"
+        compared += 1
+    print(f"{name}: {'; '.join(rows)}")
+    assert compared, f"{name}: no ROI with contours"
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_real_export_is_processed(name: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """Validate -> mask -> axial overlay series, as the process-study flow runs them; the study's
+    mask is the union of the per-ROI masks compared with plastimatch above."""
+    got = converted(name, tmp_path_factory)
+    folder = dicom_copy(got.folder, tmp_path / "study")
+    processing = ProcessingConfig(planes=["axial"], include_rois=[], ignore_rois=[])
+    outcomes = run_folder(folder, processing, tmp_path / "work")
+    assert [o.kind for o in outcomes] in (["processed"], ["warning"]), outcomes[0].reason
+    (outcome,) = outcomes
+    slices = len(got.study.images.files)
+    assert outcome.mask is not None
+    union = np.zeros_like(outcome.mask)
+    for roi in got.rois:
+        union |= roi_mask(roi, got.study.images.geometry)[0]
+    np.testing.assert_array_equal(outcome.mask, union)
+    assert outcome.written["axial"] == slices
+
+
+def test_the_on_contour_rule_flags_a_disagreement_inside_the_roi(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The check above is not vacuous: a voxel deep inside an ROI that one mask lacks is reported,
+    the tie voxels on the contour are not."""
+    name = _local_datasets()[0]
+    got = converted(name, tmp_path_factory)
+    geometry = got.study.images.geometry
+    roi = max(got.rois, key=lambda r: len(r.contours))
+    ours = roi_mask(roi, geometry)[0]
+    inside = np.argwhere(ours)
+    centre = inside[len(inside) // 2]
+    theirs = ours.copy()
+    theirs[tuple(centre)] = False
+    (problem,) = off_contour_disagreements(ours, theirs, roi, geometry)
+    assert problem.startswith(f"[{centre[0]}, {centre[1]}, {centre[2]}] (NETRT only)")
