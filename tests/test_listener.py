@@ -26,9 +26,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
-from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
 
 from listener import completion
@@ -37,12 +38,14 @@ from listener.scp import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SOP_UID_REFUSED,
     STATUS_STUDY_UID_REFUSED,
+    store_success_command,
 )
 from listener.store import TEMP_PREFIX, TEMP_SUFFIX, file_meta_prefix
 from netrt.config import TlsConfig
 from netrt.layout import DataLayout
 from netrt.logs import TransactionLog
 from netrt.phantom import PhantomSpec, write_phantom
+from netrt.reactor import EventDrivenDUL
 
 from .conftest import require_tool
 from .listener_helpers import (
@@ -284,9 +287,9 @@ def test_success_is_answered_only_after_the_instance_and_its_folder_entry_are_fs
     then is the C-STORE response handed to pynetdicom to send. The file is byte for byte what
     pynetdicom's own ``Event.encoded_dataset()`` would have written."""
     source, study_uid = phantom
-    log: list[tuple[str, str]] = []
+    log: list[tuple[str, Any]] = []
     lock = threading.Lock()
-    real_fsync, real_replace, real_send_msg = os.fsync, os.replace, DIMSEServiceProvider.send_msg
+    real_fsync, real_replace, real_send_pdu = os.fsync, os.replace, EventDrivenDUL.send_pdu
 
     def fsync(fd: int) -> None:
         real_fsync(fd)
@@ -298,15 +301,19 @@ def test_success_is_answered_only_after_the_instance_and_its_folder_entry_are_fs
         with lock:
             log.append(("replace", f"{os.fspath(src)} -> {os.fspath(dst)}"))
 
-    def send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
-        if isinstance(primitive, C_STORE) and primitive.is_valid_response:
-            with lock:
-                log.append(("response", str(primitive.AffectedSOPInstanceUID)))
-        real_send_msg(self, primitive, context_id)
+    def send_pdu(self: EventDrivenDUL, primitive: Any) -> None:
+        # Every C-STORE-RSP leaves as a P-DATA command fragment (pynetdicom's encoding or the
+        # listener's own, listener.scp.store_success_command) queued here for the network thread.
+        if isinstance(primitive, P_DATA) and self.assoc.is_acceptor:
+            for _, value in primitive.presentation_data_value_list:
+                if value[:1] == b"\x03":
+                    with lock:
+                        log.append(("response", value[1:]))
+        real_send_pdu(self, primitive)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", send_msg)
+    monkeypatch.setattr(EventDrivenDUL, "send_pdu", send_pdu)
     data = tmp_path / "data"
     sent = [dcmread(p) for p in _files(source)[:5]]
     with running_listener(listener_config(data, idle=30), RecordingTrigger()) as service:
@@ -324,7 +331,7 @@ def test_success_is_answered_only_after_the_instance_and_its_folder_entry_are_fs
         temp = entries[renamed][1].split(" -> ")[0]
         data_synced = [i for i, e in enumerate(entries[:renamed]) if e == ("fsync", temp)]
         folder_synced = [i for i, e in enumerate(entries) if i > renamed and e == ("fsync", str(folder))]
-        (answered,) = [i for i, e in enumerate(entries) if e == ("response", sop)]
+        (answered,) = [i for i, (kind, what) in enumerate(entries) if kind == "response" and sop.encode() in what]
         assert data_synced, f"{sop}: renamed before its data was fsync'd"
         assert folder_synced and folder_synced[0] < answered, f"{sop}: answered before the folder was fsync'd"
         expected = (
@@ -340,6 +347,23 @@ def test_success_is_answered_only_after_the_instance_and_its_folder_entry_are_fs
             + (encode(ds, False, True) or b"")
         )
         assert final.read_bytes() == expected
+
+
+def test_store_success_command_is_what_pynetdicom_encodes() -> None:
+    for message_id, sop_class, sop in (
+        (1, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"),  # odd and even lengths
+        (65535, "1.2.840.10008.5.1.4.1.1.481.3", "1.2.826.0.1.3680043.8.498." + "1" * 38),  # 64 characters
+        (0, "1.2.840.10008.5.1.4.1.1.4", "2.25.1"),
+    ):
+        response = C_STORE()
+        response.MessageID = response.MessageIDBeingRespondedTo = message_id
+        response.AffectedSOPClassUID, response.AffectedSOPInstanceUID, response.Status = sop_class, sop, 0x0000
+        message = C_STORE_RSP()
+        message.primitive_to_message(response)
+        (fragment,) = message.encode_msg(1, 16384)
+        ours = store_success_command(message_id, sop_class, sop)
+        assert ours is not None and fragment.presentation_data_value_list[0][1] == b"\x03" + ours
+    assert store_success_command(1, "1.2.840.10008.5.1.4.1.1.2", "1.2.x") is None  # pynetdicom encodes it
 
 
 def test_file_meta_prefix_is_what_pynetdicom_encodes() -> None:
