@@ -377,6 +377,8 @@ PINNED_SOURCES: dict[str, str] = {
     "pynetdicom.transport:AssociationSocket.ready": "3eb58e3d39dc076d",
     # the listener's hook
     "pynetdicom.transport:RequestHandler._create_association": "05c8d12b79863cdb",
+    # answers through dimse.send_msg, which the listener wraps (listener.scp.store_success_command)
+    "pynetdicom.service_class:StorageServiceClass.SCP": "63afca7fc6c6e7ee",
     # listener.store.file_meta_prefix writes the same bytes
     "pynetdicom.events:Event.encoded_dataset": "879e44cd3dc43358",
     # listener.store.file_meta_prefix writes the same bytes
