@@ -25,7 +25,8 @@ For each export:
 - the study also goes through the process-study steps (validate, mask, axial overlay series) and
   its mask is the union of those per-ROI masks.
 
-Each export is a few CT slices, so each test takes well under a few seconds.
+Each vendored export is a few CT slices, so each test takes well under a few seconds (exports added
+with ``REAL_EXPORTS_DIR``, below, take what their size takes).
 """
 
 from __future__ import annotations
