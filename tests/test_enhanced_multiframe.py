@@ -631,3 +631,43 @@ def test_an_rle_compressed_multiframe_file_gives_the_same_volume_and_uncompresse
         frame = int(ds.SourceImageSequence[0].ReferencedFrameNumber)
         assert np.array_equal(ds.pixel_array, frames[frame - 1])
     assert not dciodvfy_errors(axial.files[len(axial.files) // 2])
+
+
+@pytest.mark.slow
+def test_a_broken_multiframe_study_is_quarantined_naming_tag_and_frame_without_patient_data(tmp_path: Path) -> None:
+    """Full anonymization: the quarantine reason names the tag path and the frame, and the file by
+    its mapped SOP UID (the file is named by its received UID, as the listener names files), never
+    the patient or a received UID."""
+    from netrt.anonymize import load_or_create_secret, map_uid
+    from netrt.config import load_config
+
+    spec = replace(SPEC, multiframe="legacy", rows=48, columns=40, patient_name="SECRET^NAME", patient_id="SECRET-ID")
+    manifest = write_phantom(spec, tmp_path / "phantom")
+    received = pydicom.dcmread(manifest.image_files[0], stop_before_pixels=True).SOPInstanceUID
+    study = tmp_path / "study"
+    study.mkdir()
+    path = study / f"{received}.dcm"
+    shutil.copy(manifest.image_files[0], path)
+    shutil.copy(manifest.rtstruct_file, study / "RS.dcm")
+    edited(path, lambda ds: delattr(ds.PerFrameFunctionalGroupsSequence[4], "PlanePositionSequence"))
+    data = tmp_path / "data"
+    config = tmp_path / "netrt.yaml"
+    config.write_text(
+        f"paths: {{data_dir: {data}}}\nprefect: {{server_port: {free_port()}}}\nanonymization: {{mode: full}}\n"
+        f"destinations:\n  - {{name: out, type: folder, path: {tmp_path / 'out'}}}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "netrt", "process", str(study), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1 and "FAILED" in done.stdout, done.stdout + done.stderr[-3000:]
+    (reason_file,) = (data / "quarantine").glob("*/reason.json")
+    reason = reason_file.read_text()
+    assert "PlanePositionSequence" in reason and "frame 5" in reason
+    mapped = map_uid(str(received), load_or_create_secret(load_config(config).anonymization, data))
+    assert mapped in reason
+    for text in (done.stdout, done.stderr, reason):
+        for secret in ("SECRET^NAME", "SECRET-ID", str(received), manifest.study_instance_uid):
+            assert secret not in text
