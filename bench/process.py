@@ -275,7 +275,7 @@ def render(measurements: Measurements, options: Options, profile: tuple[str, Pat
 
     def plane_what(plane: str) -> str:
         o = outputs[plane]
-        action = "copy source pixels + overlay, write" if plane == "axial" else "reformat (SimpleITK) + write"
+        action = "copy source pixels + overlay, write" if plane == "axial" else "reformat (numpy, source axes) + write"
         return f"{action}: {o['files']} files of {o['rows']}x{o['columns']}"
 
     def floor_write_what(plane: str) -> str:
