@@ -107,7 +107,9 @@ def run(options: Options) -> str:
     what = "64x64x20 phantom, 4 ROIs (smoke)" if options.smoke else "256x256x60 phantom, 10 ROIs"
     return (
         f"## Orchestration overhead\n\n{what}; {options.runs} runs per variant, alternating, one process, "
-        f"fresh data dir per run (no cache hits).\n\n{table}\n\n"
+        f"fresh data dir per run (no cache hits). Flow runs as `netrt process` makes them: in the worker's "
+        "process, without flow-run heartbeats (served deployment runs keep Prefect's heartbeats, whose thread "
+        f"Prefect joins in 1 s steps at the end of a run: the end-to-end figure includes that).\n\n{table}\n\n"
         f"Target (issue 20): overhead per study <= {allowed:.2f} s: {verdict} "
         f"({overhead:.2f} s, {100 * overhead / direct:.1f} % of direct).\n\n"
         f"{machine(('netrt', 'prefect', 'pydicom', 'SimpleITK')).markdown()}\n- command: `{command_line()}`\n\n"

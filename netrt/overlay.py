@@ -59,6 +59,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from netrt.burnin import burn, burn_value, first_value, outline, stored_range
 from netrt.errors import DicomInputError, NetrtError
+from netrt.filemeta import encode_file_meta
 from netrt.geometry import ImageGeometry
 from netrt.outputs.text import disclaimer_masks
 from netrt.reformat import PLANES, PlaneSlab, PlaneVolume
@@ -676,9 +677,12 @@ def _buffer() -> DicomBytesIO:
 def _encode(encoder: _SliceEncoder) -> list[bytes]:
     """The file of the encoder's data set as it stands (after :func:`_set_slice`), in pieces."""
     ds = encoder.ds
-    meta = _buffer()
-    write_file_meta_info(meta, copy.copy(ds.file_meta), enforce_standard=True)
-    pieces = [_PREAMBLE, meta.getvalue(), encoder.runs[0]]
+    start = encode_file_meta(ds.file_meta)  # pydicom's bytes without pydicom (netrt.filemeta)
+    if start is None:
+        meta = _buffer()
+        write_file_meta_info(meta, copy.copy(ds.file_meta), enforce_standard=True)
+        start = _PREAMBLE + meta.getvalue()
+    pieces = [start, encoder.runs[0]]
     for tag, run in zip(encoder.slice_tags, encoder.runs[1:], strict=True):
         element = _buffer()
         write_data_element(element, ds[tag], encoder.encodings)
