@@ -6,7 +6,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from netrt.filemeta import PREAMBLE, encode_file_meta, file_meta_bytes
 
@@ -28,7 +28,10 @@ def _meta(instance: str, version_name: str = "NETRT_0.1.0") -> FileMetaDataset:
     return meta
 
 
-@pytest.mark.parametrize("instance", ["1.2.3", "1.2.34", generate_uid(), "2.25." + "9" * 59])
+INSTANCES = ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.12345678901234567890", "2.25." + "9" * 59]
+
+
+@pytest.mark.parametrize("instance", INSTANCES)
 @pytest.mark.parametrize("version_name", ["NETRT_0.1.0", "PYNETDICOM_304", "X"])
 def test_the_bytes_are_pydicoms(instance: str, version_name: str) -> None:
     meta = _meta(instance, version_name)
