@@ -5,6 +5,10 @@ PROVENANCE.txt (repository, commit, path, license, the system that wrote the RTS
 export in ``../shared/data`` is checked the same way (skipped with the reason when ``../shared`` is
 absent, failed in CI). Nothing is downloaded at test time.
 
+A bare data set (no preamble and File Meta Information, as the Monaco export keeps them) gets, in
+the temporary copy, the preamble and File Meta Information NETRT's listener writes for a data set
+received by C-STORE: what NETRT would have stored had the export been sent to it.
+
 For each export:
 
 - NETRT loads the study (``load_found_study``: grouping, reference resolution, stack checks) and
@@ -42,7 +46,9 @@ import numpy.typing as npt
 import pydicom
 import pytest
 import SimpleITK as sitk
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from listener.store import file_meta_prefix
 from netrt.config import ProcessingConfig
 from netrt.errors import StudyValidationError
 from netrt.geometry import ImageGeometry
@@ -102,12 +108,42 @@ class Converted:
 _CACHE: dict[str, Converted] = {}
 
 
+def raw_dataset(path: Path) -> pydicom.Dataset | None:
+    """The file's data set when it is a bare one (no preamble, ``DICM`` or group 0002, as some
+    planning systems export: Monaco 5.11 through ProKnow) with SOP class and instance; else None."""
+    if not path.is_file() or pydicom.misc.is_dicom(path):
+        return None
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # anything pydicom cannot parse is not a data set
+        return None
+    bare = not len(ds.file_meta)  # a group 0002 without the preamble is not bare
+    return ds if bare and "SOPClassUID" in ds and "SOPInstanceUID" in ds else None
+
+
+def as_received(path: Path, target: Path) -> None:
+    """A bare data set as NETRT's listener stores it when it arrives by C-STORE: the listener's own
+    preamble and File Meta Information (``listener.store.file_meta_prefix``, transfer syntax the
+    data set's encoding), then the data set's bytes unchanged."""
+    ds = raw_dataset(path)
+    assert ds is not None, path
+    implicit, little = ds.original_encoding
+    assert little, f"{path}: big endian data set"
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    prefix = file_meta_prefix(str(ds.SOPClassUID), str(ds.SOPInstanceUID), syntax)
+    assert prefix is not None, path
+    target.write_bytes(prefix + path.read_bytes())
+
+
 def dicom_copy(source: Path, target: Path) -> Path:
-    """The export's DICOM files in a folder of their own (no PROVENANCE.txt, no reference masks)."""
+    """The export's DICOM files in a folder of their own (no PROVENANCE.txt, no reference masks);
+    bare data sets (no File Meta Information) as the listener would have stored them."""
     target.mkdir(parents=True)
     for path in sorted(source.iterdir()):
         if path.is_file() and pydicom.misc.is_dicom(path):
             shutil.copy2(path, target / path.name)
+        elif raw_dataset(path) is not None:
+            as_received(path, target / path.name)
     return target
 
 
@@ -243,11 +279,10 @@ def test_each_vendored_export_says_where_it_comes_from() -> None:
         for needle in ("Source repository:", "Commit:", "License:", "What wrote it:", "What we changed: nothing"):
             assert needle in provenance, f"{name}/PROVENANCE.txt lacks {needle!r}"
         files = [p for p in folder.rglob("*") if p.is_file()]
-        assert all(p.name == "PROVENANCE.txt" or pydicom.misc.is_dicom(p) for p in files), name
+        dicom = [p for p in files if p.name != "PROVENANCE.txt"]
+        assert all(pydicom.misc.is_dicom(p) or raw_dataset(p) is not None for p in dicom), name
         assert sum(p.stat().st_size for p in files) < MAX_DATASET_BYTES, name
-        modalities = {
-            str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for p in files if p.name != "PROVENANCE.txt"
-        }
+        modalities = {str(pydicom.dcmread(p, stop_before_pixels=True, force=True).Modality) for p in dicom}
         assert "RTSTRUCT" in modalities and modalities & {"CT", "MR", "PT"}, (name, modalities)
 
 
