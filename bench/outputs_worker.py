@@ -62,6 +62,8 @@ def main() -> None:
         "stages": stages,
         "rois": masks.kept,
         "files": len(files),
+        # the sizes of the written files, for the I/O floor of the same output (bench.outputs.io_floor)
+        "sizes": [path.stat().st_size for path in files],
         "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "decoded_pixel_bytes": len(study.images.files) * rows * columns * 2,
     }
