@@ -274,6 +274,29 @@ def test_text_is_legible_at_512_pixels_and_fits() -> None:
     assert render_annotation(64, 64, [], "").box is None
 
 
+def test_composite_is_the_alpha_blend_of_every_pixel() -> None:
+    """``composite`` against the blend written out per pixel (round(x * (1 - a) + c * a) with a = alpha / 255,
+    in integers), for a fresh copy and in place on a contiguous and on a strided image."""
+    annotation = render_annotation(300, 400, [("bladder", (255, 255, 0)), ("rectum", (0, 90, 255))], DEFAULT_DISCLAIMER)
+    assert annotation.box is not None
+    image = np.random.default_rng(7).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = annotation.box
+    expected = image.astype(np.int64)
+    alpha = annotation.alpha.astype(np.int64)[:, :, None]
+    under = expected[y0:y1, x0:x1]
+    expected[y0:y1, x0:x1] = (under * (255 - alpha) + annotation.rgb.astype(np.int64) * alpha + 127) // 255
+    assert np.array_equal(composite(image, annotation), expected)
+    assert not np.array_equal(image, expected)  # not in place: the input is unchanged
+    inplace = image.copy()
+    assert composite(inplace, annotation, in_place=True) is inplace
+    assert np.array_equal(inplace, expected)
+    wide = np.zeros((300, 800, 3), dtype=np.uint8)
+    strided = wide[:, ::2]
+    strided[...] = image
+    assert composite(strided, annotation, in_place=True) is strided
+    assert np.array_equal(strided, expected) and not wide[:, 1::2].any()
+
+
 # ---------------------------------------------------------------------------------------------
 # Independent readers and geometry
 
