@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import os
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -42,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
@@ -684,10 +686,26 @@ def _encode(encoder: _SliceEncoder) -> list[bytes]:
         start = _PREAMBLE + meta.getvalue()
     pieces = [start, encoder.runs[0]]
     for tag, run in zip(encoder.slice_tags, encoder.runs[1:], strict=True):
+        pixels = _pixel_data_pieces(ds[tag]) if tag == TAG_PIXEL_DATA else None
+        if pixels is not None:
+            pieces += [*pixels, run]
+            continue
         element = _buffer()
         write_data_element(element, ds[tag], encoder.encodings)
         pieces += [element.getvalue(), run]
     return pieces
+
+
+def _pixel_data_pieces(element: DataElement) -> list[bytes] | None:
+    """Native PixelData (OB/OW bytes, explicit VR little endian) as header, value and pad: the bytes
+    ``write_data_element`` writes, without copying the value (half a MiB per CT slice, a quarter of
+    the time of encoding a slice). None for anything else (pydicom encodes it)."""
+    value = element.value
+    if element.VR not in ("OB", "OW") or not isinstance(value, bytes) or element.is_undefined_length:
+        return None
+    pad = b"\x00" if len(value) % 2 else b""
+    header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, element.VR.encode("ascii"), 0, len(value) + len(pad))
+    return [header, value, pad]
 
 
 #: Preamble and prefix of a DICOM file (``dcmwrite`` writes 128 zero bytes when there is none).
