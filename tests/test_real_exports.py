@@ -1,9 +1,19 @@
 """Real exports from planning and contouring systems, each against an independent rasteriser (issue 18).
 
-Every folder under ``tests/data/real/`` is one real export, vendored byte-for-byte with a
-PROVENANCE.txt (repository, commit, path, license, the system that wrote the RTSTRUCT). The MIM
-export in ``../shared/data`` is checked the same way (skipped with the reason when ``../shared`` is
-absent, failed in CI). Nothing is downloaded at test time.
+No third-party export is kept in the repository. The exports run are:
+
+- the MIM export in ``../shared/data/rtutils-mim-ge-phantom`` (skipped with the reason when
+  ``../shared`` is absent, failed in CI);
+- each subfolder of ``REAL_EXPORTS_DIR`` (one export per subfolder, its DICOM files in it), given
+  by a developer beside the tests. Nothing is downloaded at test time.
+
+``EXPECTED`` is the table of known exports, keyed by the RTSTRUCT's SOPInstanceUID (what is in the
+files, whatever the folder is called) and checked against the RTSTRUCT's sha256: the outcome each
+must give (processed, or refused naming the absent images), the ROIs compared, the tolerances, how
+many files are bare data sets. An export the table does not know must be processed and match
+plastimatch. A known export not given here is skipped with the reason. Provenance (source
+repository, commit, path, license, writer, sha256 of every file) and the results are in
+``tests/data/real/README.md``.
 
 A bare data set (no preamble and File Meta Information, as the Monaco export keeps them) gets, in
 the temporary copy, the preamble and File Meta Information NETRT's listener writes for a data set
@@ -29,12 +39,13 @@ For each export:
 - the study also goes through the process-study steps (validate, mask, axial overlay series) and
   its mask is the union of those per-ROI masks.
 
-Each vendored export is a few CT slices, so each test takes well under a few seconds (exports added
-with ``REAL_EXPORTS_DIR``, below, take what their size takes).
+The exports of the table are a few CT slices each, so each test takes well under a few seconds
+(a larger export takes what its size takes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -55,44 +66,158 @@ from netrt.geometry import ImageGeometry
 from netrt.masks import RoiContours, read_structure_set, roi_mask
 from netrt.rasterize import geometric_type_skip_reason
 from netrt.study import LoadedStudy, load_found_study
-from tests.conftest import require_shared, require_tool
+from tests.conftest import SHARED_DATA, require_shared, require_tool
 from tests.test_hardening_corpus import run_folder
 
-REAL = Path(__file__).resolve().parent / "data" / "real"
-SHARED_MIM = "rtutils-mim-ge-phantom"
+README = Path(__file__).resolve().parent / "data" / "real" / "README.md"
 ON_CONTOUR_MM = 1e-3  # a disagreeing voxel's centre must be this close to an edge of the slice's polygons
 MIN_DICE = 0.99
-MAX_DATASET_BYTES = 15 * 1024 * 1024
 
-
-# Exports too large to keep in the repository (a 177-slice CT is 92 MB) can be run beside these:
-# REAL_EXPORTS_DIR=/path/to/exports (one export per subfolder, DICOM files in it) adds each as a
-# case named "extra-<folder>". Not a NETRT_ variable: conftest clears those for every test run.
+# Exports are not kept in the repository: REAL_EXPORTS_DIR=/path/to/exports (one export per
+# subfolder, DICOM files in it) adds each. Not a NETRT_ variable: conftest clears those for every run.
 EXTRA = os.environ.get("REAL_EXPORTS_DIR", "")
 
 
-def _local_datasets() -> list[str]:
-    return sorted(p.name for p in REAL.iterdir() if p.is_dir()) if REAL.is_dir() else []
+@dataclass(frozen=True)
+class Expected:
+    """What one export must give; documented, with its provenance, in tests/data/real/README.md."""
+
+    name: str  # the case id (the folder name it is documented under; a folder may be named anything)
+    outcomes: tuple[str, ...]  # the process-study outcome kinds accepted ("processed", "warning", "quarantined")
+    rtstruct_sha256: str | None = None  # the RTSTRUCT file the expectation was measured on
+    rois: tuple[str, ...] | None = None  # the ROIs with an inside, compared with plastimatch, in file order
+    bare_files: int | None = None  # files that are bare data sets (no File Meta Information)
+    absent: int | None = None  # a refusal: how many referenced images are absent from the export
+    min_dice: float = MIN_DICE
+    on_contour_mm: float = ON_CONTOUR_MM
+    shared: bool = False  # kept in ../shared/data/<name> (run in CI)
+
+    @property
+    def refused(self) -> bool:
+        return self.absent is not None
 
 
-def _extra_datasets() -> list[str]:
+# Known exports, keyed by what is in the files (the RTSTRUCT's SOPInstanceUID), not by a folder
+# name: wherever one is given, it must give this outcome. A change of outcome fails the test.
+EXPECTED: dict[str, Expected] = {
+    "2.16.840.1.114362.1.11940992.23790159890.563423606.667.93": Expected(
+        "rtutils-mim-ge-phantom",
+        ("processed",),
+        "d2389ed9574e70835fb2fd6fa65812948a8ed59ccd70a0d6284e0f2661abde66",
+        ("ROI-1", "ROI-2", "ROI-3", "ROI-4"),
+        bare_files=0,
+        shared=True,
+    ),
+    "1.2.246.352.221.5295756759917696191.17297108549342758074": Expected(
+        "dicomrttool-varian-aria-16",
+        ("processed",),
+        "5bb70c8928aaa732c2efa54044141166957751d4eb8766f7ba8c900d131e817d",
+        ("BODY", "SpinalCord"),
+        bare_files=0,
+    ),
+    "1.2.840.10008.5.1.4.1.1.481.3.1535997926": Expected(
+        "proknow-elekta-monaco-5.11",
+        ("processed",),
+        "c46a96596ff7969f96251991bf0c69d2d65f2c79650db5a30744698ebf5b2bb4",
+        ("BODY", "PAROTID_LT", "PTV"),
+        bare_files=8,  # every file: the test copy gets the listener's File Meta Information
+    ),
+    "1.2.752.243.1.1.20220722130644567.1980.53284": Expected(
+        "radtools-raystation-9.2-one-slice",
+        ("quarantined",),
+        "def6eed468dfe7e561a33898718675b74cdb295dcb9a5ba72ad7991374259d86",
+        bare_files=0,
+        absent=164,  # 1 of the 165 CT slices the RTSTRUCT references was published
+    ),
+}
+# An export the table does not know: processed (a warning allowed) and every ROI matching plastimatch.
+DEFAULT = Expected("", ("processed", "warning"))
+
+
+def rtstruct_in(folder: Path) -> tuple[Path, str] | None:
+    """The folder's RTSTRUCT file and its SOPInstanceUID, when it holds exactly one; else None."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, force=True, specific_tags=["Modality", "SOPInstanceUID"]
+            )
+        except Exception:  # not DICOM (a PROVENANCE.txt, a README)
+            continue
+        if ds.get("Modality") == "RTSTRUCT" and "SOPInstanceUID" in ds:
+            found.append((path, str(ds.SOPInstanceUID)))
+    return found[0] if len(found) == 1 else None
+
+
+def _given_folders() -> list[Path]:
     root = Path(EXTRA) if EXTRA else None
-    return sorted(f"extra-{p.name}" for p in root.iterdir() if p.is_dir()) if root and root.is_dir() else []
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root and root.is_dir() else []
 
 
-# Vendored exports that are incomplete as published (the source repository kept part of the
-# series): NETRT must refuse them naming the absent images; how many the RTSTRUCT names in vain.
-INCOMPLETE = {"radtools-raystation-9.2-one-slice": 164}
+@dataclass(frozen=True)
+class Case:
+    """One export to run: where it was found (None: not given here) and what it must give."""
 
-DATASETS = [*(n for n in _local_datasets() if n not in INCOMPLETE), SHARED_MIM, *_extra_datasets()]
+    id: str
+    folder: Path | None
+    expected: Expected
+    uid: str | None  # the RTSTRUCT's SOPInstanceUID (the table's key)
 
 
-def source_folder(name: str) -> Path:
-    if name == SHARED_MIM:
-        return require_shared(SHARED_MIM)
-    if name.startswith("extra-"):
-        return Path(EXTRA) / name.removeprefix("extra-")
-    return REAL / name
+def _cases() -> list[Case]:
+    keyed = []
+    for folder in _given_folders():
+        found = rtstruct_in(folder)
+        keyed.append((folder, found[1] if found else None))
+    cases = []
+    for uid, expected in EXPECTED.items():
+        matches = [folder for folder, key in keyed if key == uid]
+        if expected.shared and (SHARED_DATA / expected.name).is_dir():
+            matches.insert(0, SHARED_DATA / expected.name)
+        if not matches:
+            cases.append(Case(expected.name, None, expected, uid))
+        for n, folder in enumerate(matches):
+            cases.append(Case(expected.name if n == 0 else f"{expected.name}@{folder.name}", folder, expected, uid))
+    cases += [Case(f"extra-{folder.name}", folder, DEFAULT, key) for folder, key in keyed if key not in EXPECTED]
+    return cases
+
+
+CASES = _cases()
+PROCESSED = [pytest.param(c, id=c.id) for c in CASES if not c.expected.refused]
+REFUSED = [pytest.param(c, id=c.id) for c in CASES if c.expected.refused]
+
+
+def located(case: Case) -> Path:
+    """The export's folder; a known export not given here is skipped with the reason (the shared
+    MIM export through require_shared: skipped when ../shared is absent, failed in CI)."""
+    if case.folder is not None:
+        return case.folder
+    if case.expected.shared:
+        return require_shared(case.expected.name)
+    where = f"REAL_EXPORTS_DIR={EXTRA} has no subfolder" if EXTRA else "REAL_EXPORTS_DIR is unset, so no subfolder"
+    pytest.skip(
+        f"{case.id} not given: {where} with the RTSTRUCT SOPInstanceUID {case.uid} "
+        "(place the export as a subfolder of REAL_EXPORTS_DIR; see tests/data/real/README.md)"
+    )
+
+
+def check_identity(case: Case, source: Path) -> None:
+    """The export is the one the expectation was measured on: the RTSTRUCT's bytes (sha256) and
+    how many of its files are bare data sets (given the listener's File Meta Information in the copy)."""
+    expected = case.expected
+    if expected.rtstruct_sha256 is not None:
+        found = rtstruct_in(source)
+        assert found is not None, f"{case.id}: {source} holds no single RTSTRUCT"
+        digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
+        assert digest == expected.rtstruct_sha256, (
+            f"{case.id}: {found[0]} has the table's SOPInstanceUID but sha256 {digest}, "
+            f"not {expected.rtstruct_sha256} (the file the expectation was measured on)"
+        )
+    if expected.bare_files is not None:
+        bare = [p.name for p in sorted(source.iterdir()) if raw_dataset(p) is not None]
+        assert len(bare) == expected.bare_files, f"{case.id}: bare data sets {bare}"
 
 
 @dataclass(frozen=True)
@@ -147,11 +272,13 @@ def dicom_copy(source: Path, target: Path) -> Path:
     return target
 
 
-def converted(name: str, tmp_path_factory: pytest.TempPathFactory) -> Converted:
+def converted(case: Case, tmp_path_factory: pytest.TempPathFactory) -> Converted:
+    name = case.id
     if name in _CACHE:
         return _CACHE[name]
+    source = located(case)
     plastimatch = require_tool("plastimatch")
-    source = source_folder(name)
+    check_identity(case, source)
     work = tmp_path_factory.mktemp(name)
     folder = dicom_copy(source, work / "study")
     study = load_found_study(folder)
@@ -226,7 +353,11 @@ def inside_count(point: npt.NDArray[np.float64], polygons: list[npt.NDArray[np.f
 
 
 def unexplained_disagreements(
-    ours: npt.NDArray[np.bool_], theirs: npt.NDArray[np.bool_], roi: RoiContours, geometry: ImageGeometry
+    ours: npt.NDArray[np.bool_],
+    theirs: npt.NDArray[np.bool_],
+    roi: RoiContours,
+    geometry: ImageGeometry,
+    on_contour_mm: float = ON_CONTOUR_MM,
 ) -> tuple[list[str], dict[str, int]]:
     """Voxels the two masks disagree on that neither known rule difference explains (see the
     module docstring), and how many each rule explained (``"on contour"``, ``"nested hole"``)."""
@@ -250,7 +381,7 @@ def unexplained_disagreements(
         flat = [(c - geometry.origin) @ basis.T for c in polygons]
         point = (centre - geometry.origin) @ basis.T
         distance = distance_to_contours(point, flat)
-        if distance <= ON_CONTOUR_MM:
+        if distance <= on_contour_mm:
             explained["on contour"] += 1
             continue
         holding = inside_count(point, flat)
@@ -268,30 +399,43 @@ def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
     return 2.0 * int((a & b).sum()) / total if total else 1.0
 
 
-def test_each_vendored_export_says_where_it_comes_from() -> None:
-    """Every folder under tests/data/real is DICOM plus a PROVENANCE.txt naming source, commit,
-    license and writer; small enough to keep in the repository."""
-    names = _local_datasets()
-    assert names, f"no real exports under {REAL}"
-    for name in names:
-        folder = REAL / name
-        provenance = (folder / "PROVENANCE.txt").read_text(encoding="utf-8")
-        for needle in ("Source repository:", "Commit:", "License:", "What wrote it:", "What we changed: nothing"):
-            assert needle in provenance, f"{name}/PROVENANCE.txt lacks {needle!r}"
-        files = [p for p in folder.rglob("*") if p.is_file()]
-        dicom = [p for p in files if p.name != "PROVENANCE.txt"]
-        assert all(pydicom.misc.is_dicom(p) or raw_dataset(p) is not None for p in dicom), name
-        assert sum(p.stat().st_size for p in files) < MAX_DATASET_BYTES, name
-        modalities = {str(pydicom.dcmread(p, stop_before_pixels=True, force=True).Modality) for p in dicom}
-        assert "RTSTRUCT" in modalities and modalities & {"CT", "MR", "PT"}, (name, modalities)
+def test_no_third_party_dicom_is_kept_in_the_repository() -> None:
+    """Exports are given beside the tests (../shared/data, REAL_EXPORTS_DIR), never committed:
+    tests/data/real holds only the document of their provenance and expected outcomes, which names
+    every export of the table by its RTSTRUCT's SOPInstanceUID and sha256."""
+    folder = README.parent
+    assert sorted(p.name for p in folder.rglob("*")) == ["README.md"], sorted(folder.rglob("*"))
+    text = README.read_text(encoding="utf-8")
+    for uid, expected in EXPECTED.items():
+        for needle in (expected.name, uid, expected.rtstruct_sha256):
+            assert needle and needle in text, f"{README} does not document {expected.name}: {needle!r}"
 
 
-@pytest.mark.parametrize("name", DATASETS)
-def test_real_export_is_loaded_and_matches_plastimatch(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    got = converted(name, tmp_path_factory)
+def test_real_exports_dir_is_a_folder_of_exports() -> None:
+    """REAL_EXPORTS_DIR, when set, is a folder whose every subfolder is one export (one RTSTRUCT and
+    its images); a wrong path is an error, not an empty run."""
+    if not EXTRA:
+        pytest.skip("REAL_EXPORTS_DIR is unset: only the MIM export in ../shared/data is run")
+    root = Path(EXTRA)
+    assert root.is_dir(), f"REAL_EXPORTS_DIR={EXTRA} is not a folder"
+    folders = _given_folders()
+    assert folders, f"REAL_EXPORTS_DIR={EXTRA} has no subfolder"
+    for folder in folders:
+        found = rtstruct_in(folder)
+        assert found is not None, f"{folder}: not one RTSTRUCT"
+        files = [p for p in folder.iterdir() if p.is_file() and p.name != "PROVENANCE.txt"]
+        assert all(pydicom.misc.is_dicom(p) or raw_dataset(p) is not None for p in files), folder
+        modalities = {str(pydicom.dcmread(p, stop_before_pixels=True, force=True).Modality) for p in files}
+        assert modalities & {"CT", "MR", "PT"}, (folder, modalities)
+
+
+@pytest.mark.parametrize("case", PROCESSED)
+def test_real_export_is_loaded_and_matches_plastimatch(case: Case, tmp_path_factory: pytest.TempPathFactory) -> None:
+    got = converted(case, tmp_path_factory)
+    name, expected = case.id, case.expected
     geometry = got.study.images.geometry
     rows = []
-    compared = 0
+    compared = []
     for roi in got.rois:
         ours, used, skipped = roi_mask(roi, geometry)
         fillable = [geometric_type_skip_reason(kind) is None for kind in roi.geometric_types]
@@ -320,22 +464,27 @@ def test_real_export_is_loaded_and_matches_plastimatch(name: str, tmp_path_facto
         score = dice(ours, theirs)
         rows.append(f"{roi.name}: {int(ours.sum())} voxels, {differing} differ, Dice {score:.5f}")
         assert int(ours.sum()) > 0, f"{name} {roi.name}: empty mask from {used} contours"
-        assert score >= MIN_DICE, f"{name} {roi.name}: Dice {score:.4f} against plastimatch"
-        problems, explained = unexplained_disagreements(ours, theirs, roi, geometry)
+        assert score >= expected.min_dice, f"{name} {roi.name}: Dice {score:.4f} against plastimatch"
+        problems, explained = unexplained_disagreements(ours, theirs, roi, geometry, expected.on_contour_mm)
         assert problems == [], f"{name} {roi.name}: disagreements no known rule explains: {problems[:10]}"
         if differing:
             rows[-1] += f" ({explained['on contour']} on the contour, {explained['nested hole']} in nested holes)"
-        compared += 1
+        compared.append(roi.name)
     print(f"{name}: {'; '.join(rows)}")
     assert compared, f"{name}: no ROI with contours"
+    if expected.rois is not None:
+        assert tuple(compared) == expected.rois, name
 
 
-@pytest.mark.parametrize(("name", "absent"), sorted(INCOMPLETE.items()))
-def test_an_incomplete_real_export_is_refused_naming_the_absent_images(name: str, absent: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", REFUSED)
+def test_an_incomplete_real_export_is_refused_naming_the_absent_images(case: Case, tmp_path: Path) -> None:
     """The RTSTRUCT names images the export does not hold: refused (never processed on what is
     there), the message naming the file, the tag path, how many images are absent, the series and
     the first absent UIDs; through the process-study steps the study is quarantined with it."""
-    folder = dicom_copy(REAL / name, tmp_path / "study")
+    source = located(case)
+    check_identity(case, source)
+    absent = case.expected.absent
+    folder = dicom_copy(source, tmp_path / "study")
     (rtstruct,) = [p for p in folder.iterdir() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT"]
     with pytest.raises(StudyValidationError) as refused:
         load_found_study(folder)
@@ -353,18 +502,18 @@ def test_an_incomplete_real_export_is_refused_naming_the_absent_images(name: str
     present = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in folder.iterdir()}
     assert len(referenced - present) == absent
     (outcome,) = run_folder(folder, ProcessingConfig(planes=["axial"]), tmp_path / "work")
-    assert outcome.kind == "quarantined" and outcome.reason == message
+    assert outcome.kind in case.expected.outcomes and outcome.reason == message
 
 
-@pytest.mark.parametrize("name", DATASETS)
-def test_real_export_is_processed(name: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", PROCESSED)
+def test_real_export_is_processed(case: Case, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """Validate -> mask -> axial overlay series, as the process-study flow runs them; the study's
     mask is the union of the per-ROI masks compared with plastimatch above."""
-    got = converted(name, tmp_path_factory)
+    got = converted(case, tmp_path_factory)
     folder = dicom_copy(got.folder, tmp_path / "study")
     processing = ProcessingConfig(planes=["axial"], include_rois=[], ignore_rois=[])
     outcomes = run_folder(folder, processing, tmp_path / "work")
-    assert [o.kind for o in outcomes] in (["processed"], ["warning"]), outcomes[0].reason
+    assert len(outcomes) == 1 and outcomes[0].kind in case.expected.outcomes, [(o.kind, o.reason) for o in outcomes]
     (outcome,) = outcomes
     slices = len(got.study.images.files)
     assert outcome.mask is not None
@@ -377,9 +526,9 @@ def test_real_export_is_processed(name: str, tmp_path_factory: pytest.TempPathFa
 
 def test_the_on_contour_rule_flags_a_disagreement_inside_the_roi(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The check above is not vacuous: a voxel deep inside an ROI that one mask lacks is reported,
-    the tie voxels on the contour are not."""
-    name = _local_datasets()[0]
-    got = converted(name, tmp_path_factory)
+    the tie voxels on the contour are not (on the MIM export of ../shared/data)."""
+    (case,) = [c for c in CASES if c.expected.shared and c.id == c.expected.name]
+    got = converted(case, tmp_path_factory)
     geometry = got.study.images.geometry
     roi = max(got.rois, key=lambda r: len(r.contours))
     ours = roi_mask(roi, geometry)[0]
@@ -391,14 +540,20 @@ def test_the_on_contour_rule_flags_a_disagreement_inside_the_roi(tmp_path_factor
     assert problem.startswith(f"[{centre[0]}, {centre[1]}, {centre[2]}] (NETRT only)")
 
 
-def test_only_plastimatch_filling_a_nested_hole_is_excused(tmp_path: Path) -> None:
+def test_only_plastimatch_filling_a_nested_hole_is_excused() -> None:
     """An outer and an inner square on one slice: NETRT's even-odd rule leaves the inner one empty.
     A mask that fills it (plastimatch's way) differs only by the nested-hole rule; a mask that
     keeps NETRT's hole but adds a voxel outside both squares is reported."""
-    # the Varian export's grid: 1 mm pixels with centres at whole millimetres
-    study = load_found_study(dicom_copy(REAL / "dicomrttool-varian-aria-16", tmp_path / "study"))
-    geometry = study.images.geometry
-    z = float(geometry.origin[2])
+    # the Varian ARIA export's grid: 512 x 512 x 4, 1 mm pixels with centres at whole millimetres
+    z = 1000.0
+    geometry = ImageGeometry(
+        np.array([0.0, 0.0, z]),
+        np.array([1.0, 0, 0]),
+        np.array([0, 1.0, 0]),
+        np.array([0, 0, 1.0]),
+        (1, 1, 1),
+        (512, 512, 4),
+    )
 
     def square(lo: float, hi: float) -> npt.NDArray[np.float64]:
         lo, hi = lo + 100.2, hi + 100.2  # edges between pixel centres
