@@ -302,7 +302,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         raise NetrtError(f"{root}: no such file or folder")
     studies = find_studies(root)
     if not studies:
-        raise NetrtError(f"{root}: no DICOM study found")
+        raise NetrtError(f"{root}: no DICOM study found{_skipped_reasons(root)}")
     record = _prepare_flow_runs(config)
     from prefect import tags
 
@@ -345,6 +345,23 @@ def cmd_process(args: argparse.Namespace) -> int:
                 print(f"  warning: {warning}", flush=True)
     _print_outcomes(config, args, outcomes, failures)
     return EXIT_OK if failures == 0 else EXIT_FAILURE
+
+
+def _skipped_reasons(root: Path, shown: int = 3) -> str:
+    """Why the files under ``root`` were not read, one line per distinct reason with a count and
+    an example file (empty when there are no files): "no study found" alone leaves a user guessing."""
+    from netrt.study.discovery import skipped_files
+
+    by_reason: dict[str, list[Path]] = {}
+    for path, reason in skipped_files(root):
+        by_reason.setdefault(reason, []).append(path)
+    lines = [
+        f"\n  {len(paths)} file(s), e.g. {paths[0]}: {reason}"
+        for reason, paths in sorted(by_reason.items(), key=lambda item: -len(item[1]))[:shown]
+    ]
+    if len(by_reason) > shown:
+        lines.append(f"\n  ... and {len(by_reason) - shown} other reason(s)")
+    return "".join(lines)
 
 
 def _print_outcomes(

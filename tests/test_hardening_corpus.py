@@ -525,7 +525,10 @@ CASES = [
     Case("truncated-slice", b_truncated_slice, "quarantined", ("CT_0007.dcm", "truncated")),
     Case("truncated-rtstruct", b_truncated_rtstruct, "quarantined", ("RS.dcm", "truncated")),
     Case(
-        "no-preamble-or-file-meta", b_no_preamble_no_meta, "quarantined", ("CT_0004.dcm", "not a DICOM file", "absent")
+        "no-preamble-or-file-meta",
+        b_no_preamble_no_meta,
+        "quarantined",
+        ("CT_0004.dcm", "without the Part 10 file header", "dcmconv", "absent"),
     ),
     Case("stray-non-dicom-file", b_stray_file, "warning", ("notes.txt", "not usable DICOM"), same_mask=True),
     Case(
@@ -807,7 +810,7 @@ FLOW_FAILURES: dict[str, tuple[tuple[str, ...], int | None]] = {
     "duplicate-sop-uid-other-position": (("different images", "ImagePositionPatient"), 3),
     "images-only-quarantine": (("no RTSTRUCT",), None),
     "gantry-tilt": (("gantry-tilted or sheared",), None),
-    "no-preamble-or-file-meta": (("not a DICOM file", "absent"), 3),
+    "no-preamble-or-file-meta": (("without the Part 10 file header", "absent"), 3),
     "truncated-slice": (("truncated",), 6),
     "wrong-syntax-jpeg2000-label-native-pixels": (("requires encapsulated pixel data",), 5),
 }

@@ -56,6 +56,40 @@ class _Instance:
         return len(self.image_type) > 2 and self.image_type[2] == "LOCALIZER"
 
 
+#: The first tags a bare data set can start with: any group 0008 element (Identifying), as
+#: SpecificCharacterSet, ImageType or SOPClassUID, in either VR encoding.
+_BARE_START_GROUP = b"\x08\x00"
+
+
+def _not_part10_reason(path: Path) -> str:
+    """Why a file pydicom refuses as Part 10 is skipped, telling a bare data set from other files.
+
+    Some planning systems (older Elekta CMS Monaco and XiO exports among them) write data sets
+    without the Part 10 header: no preamble, no ``DICM``, no File Meta Information. NETRT reads
+    Part 10 files only (every reader here, and a folder destination, relies on the file meta); the
+    listener adds the header to whatever arrives by C-STORE, so the reason names the two ways in.
+    A file counts as a bare data set when it starts with a group 0008 tag and pydicom, told to read
+    it anyway, finds a SOP Class and SOP Instance UID in it.
+    """
+    generic = "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(2)
+        if start != _BARE_START_GROUP:
+            return generic
+        ds = dcmread(path, force=True, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        if not (ds.get("SOPClassUID") and ds.get("SOPInstanceUID")):
+            return generic
+    except Exception:  # anything unreadable is simply not a DICOM file
+        return generic
+    return (
+        "a DICOM data set without the Part 10 file header (no preamble, 'DICM' or File Meta Information, as "
+        "some planning systems export): NETRT reads Part 10 files only; send the folder to NETRT's listener "
+        "(e.g. dcmtk storescu, which adds the header on the way) or add the header with dcmtk "
+        "`dcmconv IN OUT` first"
+    )
+
+
 def _read_instance(path: Path) -> _Instance:
     """Header-only read of the grouping tags.
 
@@ -68,7 +102,7 @@ def _read_instance(path: Path) -> _Instance:
         # in ImageType) raises here, not in dcmread.
         return _instance_of(ds, path)
     except InvalidDicomError as exc:
-        raise DicomInputError("not a DICOM file (no 'DICM' marker after the 128-byte preamble)", path=path) from exc
+        raise DicomInputError(_not_part10_reason(path), path=path) from exc
     except Exception as exc:  # pydicom raises many types on garbage; all mean "unreadable"
         raise DicomInputError(f"cannot be read as DICOM: {type(exc).__name__}: {exc}", path=path) from exc
 
@@ -137,7 +171,7 @@ def _read_dataset(path: Path, *, defer_large_values: bool) -> Dataset:
     try:
         ds = dcmread(path, defer_size=HEADER_DEFER_SIZE if defer_large_values else None)
     except InvalidDicomError as exc:
-        raise DicomInputError("not a DICOM file (no 'DICM' marker after the 128-byte preamble)", path=path) from exc
+        raise DicomInputError(_not_part10_reason(path), path=path) from exc
     except Exception as exc:
         raise DicomInputError(
             f"cannot be read as DICOM (truncated or corrupt?): {type(exc).__name__}: {exc}", path=path
@@ -202,6 +236,12 @@ def scan_files(root: Path) -> dict[str, list[Path]]:
     """
     studies, _ = _scan(root)
     return {uid: [inst.path for inst in studies[uid]] for uid in sorted(studies)}
+
+
+def skipped_files(root: Path) -> list[tuple[Path, str]]:
+    """Every file under ``root`` that is not a usable DICOM instance, with the reason (what
+    :func:`find_studies` puts in each study's ``skipped``, also when no study is found at all)."""
+    return _scan(root)[1]
 
 
 def find_studies(root: Path) -> list[StudyFiles]:
