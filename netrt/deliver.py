@@ -16,6 +16,7 @@ import pydicom
 
 from netrt.errors import DeliveryError, DicomInputError
 from netrt.fileio import atomic_copy, atomic_link, fsync_dir
+from netrt.identity import read_identity
 from netrt.uids import checked_uid
 
 
@@ -38,6 +39,20 @@ class DeliveryOutcome:
     committed: int | None = None
 
 
+def _folder_identity(path: Path) -> tuple[object, object, object]:
+    """Study, Series and SOP Instance UID of ``path`` (:mod:`netrt.identity`, else pydicom)."""
+    try:
+        identity = read_identity(path)
+        if identity is not None:
+            return identity.study_instance_uid, identity.series_instance_uid, identity.sop_instance_uid
+        header = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
+        )
+    except Exception as exc:
+        raise DicomInputError(f"cannot read written instance for delivery: {exc}", path) from exc
+    return header.get("StudyInstanceUID"), header.get("SeriesInstanceUID"), header.get("SOPInstanceUID")
+
+
 def deliver_to_folder(
     name: str,
     root: Path,
@@ -57,15 +72,10 @@ def deliver_to_folder(
     linked = 0
     own = link_from.resolve() if link_from is not None else None
     for count, path in enumerate(files, start=1):
-        try:
-            header = pydicom.dcmread(
-                path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
-            )
-        except Exception as exc:
-            raise DicomInputError(f"cannot read written instance for delivery: {exc}", path) from exc
-        study = checked_uid(header.get("StudyInstanceUID"), f"{path}: StudyInstanceUID")
-        series = checked_uid(header.get("SeriesInstanceUID"), f"{path}: SeriesInstanceUID")
-        sop = checked_uid(header.get("SOPInstanceUID"), f"{path}: SOPInstanceUID")
+        study_uid, series_uid, sop_uid = _folder_identity(path)
+        study = checked_uid(study_uid, f"{path}: StudyInstanceUID")
+        series = checked_uid(series_uid, f"{path}: SeriesInstanceUID")
+        sop = checked_uid(sop_uid, f"{path}: SOPInstanceUID")
         target = root / study / series / f"{sop}.dcm"
         try:
             if own is not None and Path(path).resolve().is_relative_to(own) and atomic_link(Path(path), target):

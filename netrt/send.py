@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -64,6 +63,7 @@ from netrt.commitment import (
 from netrt.config import DicomDestination
 from netrt.deliver import DeliveryOutcome
 from netrt.errors import DeliveryError
+from netrt.identity import parse_file_meta
 from netrt.progress import _progress, _ProgressLog
 
 logger = logging.getLogger(__name__)
@@ -127,46 +127,11 @@ def _sha256_of(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _parse_file_meta(head: bytes) -> tuple[str, str, str] | None:
-    """(MediaStorageSOPClassUID, MediaStorageSOPInstanceUID, TransferSyntaxUID) from the first bytes
-    of a DICOM Part 10 file (preamble, ``DICM``, group 0002 in explicit VR little endian), as
-    pydicom reads them; None when anything does not fit (then pydicom reads the file meta)."""
-    if len(head) < 132 or head[128:132] != b"DICM":
-        return None
-    found: dict[int, bytes] = {}
-    position = 132
-    while position + 8 <= len(head):
-        group, element = struct.unpack_from("<HH", head, position)
-        if group != 0x0002:
-            break
-        vr = head[position + 4 : position + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            if position + 12 > len(head):
-                return None
-            (length,) = struct.unpack_from("<I", head, position + 8)
-            start = position + 12
-        else:
-            (length,) = struct.unpack_from("<H", head, position + 6)
-            start = position + 8
-        end = start + length
-        if length == 0xFFFFFFFF or end > len(head):
-            return None
-        found[element] = head[start:end]
-        position = end
-    try:
-        values = tuple(found[element].rstrip(b"\x00 ").decode("ascii") for element in (0x0002, 0x0003, 0x0010))
-    except (KeyError, UnicodeDecodeError):
-        return None
-    if not all(values) or position + 8 > len(head):  # group 0002 may go on past what was read
-        return None
-    return values[0], values[1], values[2]
-
-
 def _read_instance_lazily(destination: DicomDestination, path: Path, digest: Any) -> _LazyInstance:
     """The file meta now (its first 4 KiB, else pydicom), the digest when it is asked for."""
     try:
         with path.open("rb") as handle:
-            parsed = _parse_file_meta(handle.read(4096))
+            parsed = parse_file_meta(handle.read(4096))
         if parsed is None:
             meta = read_file_meta_info(path)
             parsed = (

@@ -638,7 +638,7 @@ def test_association_rejections_are_classified_by_cause(
 def test_file_meta_is_read_as_pydicom_reads_it(written: dict[str, Any], tmp_path: Path) -> None:
     from pydicom.filereader import read_file_meta_info
 
-    from netrt.send import _parse_file_meta
+    from netrt.identity import parse_file_meta as _parse_file_meta
 
     for name in written["files"]:
         meta = read_file_meta_info(name)
