@@ -64,6 +64,11 @@ _ENHANCED_ONLY = (
     "AcquisitionDuration",
     "IsocenterPosition",
     "ImageComments",
+    # Supplemental Palette Color LUT (an Enhanced CT/MR may map its MONOCHROME2 values to colour, as
+    # Clunie's eCT_Supplemental does): a classic CT/MR image has no such module, and in its Image
+    # Pixel module the palette is allowed only for PALETTE COLOR, which an enhanced CT/MR never is.
+    *(f"{c}PaletteColorLookupTable{p}" for c in ("Red", "Green", "Blue") for p in ("Descriptor", "Data")),
+    *(f"Segmented{c}PaletteColorLookupTableData" for c in ("Red", "Green", "Blue")),
 )
 
 #: Functional-group macros whose contents become top-level attributes of the classic image (all
