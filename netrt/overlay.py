@@ -338,8 +338,8 @@ def _save(ds: Dataset, out_dir: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class _PixelFormat:
-    """The stored pixel representation of a source series, for converting back to it."""
+class PixelFormat:
+    """The stored pixel representation of a source series, for converting back to it (and from it)."""
 
     bits_allocated: int
     bits_stored: int
@@ -349,7 +349,7 @@ class _PixelFormat:
     dtype: np.dtype[Any]
 
     @classmethod
-    def of(cls, ds: Dataset, path: Path) -> _PixelFormat:
+    def of(cls, ds: Dataset, path: Path) -> PixelFormat:
         samples = int(ds.get("SamplesPerPixel", 1))
         photometric = str(ds.get("PhotometricInterpretation", ""))
         if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -394,9 +394,21 @@ class _PixelFormat:
         stored: npt.NDArray[Any] = work.astype(self.dtype)
         return stored
 
+    def to_modality(self, stored: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """Stored values -> modality values (float32): the values a series in this format shows.
+
+        :func:`to_stored` then this is what a reformatted plane holds once written; the colour
+        series windows exactly these (:mod:`netrt.outputs.color`)."""
+        values: npt.NDArray[np.float32] = stored.astype(np.float32)
+        if self.slope != 1:
+            values *= np.float32(self.slope)
+        if self.intercept != 0:
+            values += np.float32(self.intercept)
+        return values
+
 
 def _burned(
-    ds: Dataset, stored: npt.NDArray[Any], mask_slice: BoolArray, fmt: _PixelFormat, disclaimer: str = ""
+    ds: Dataset, stored: npt.NDArray[Any], mask_slice: BoolArray, fmt: PixelFormat, disclaimer: str = ""
 ) -> npt.NDArray[Any]:
     """``stored`` with the mask outline, and the disclaimer's letters, burned in at
     :func:`netrt.burnin.burn_value` (the letters' outline at the lowest stored value, so the text
@@ -528,7 +540,7 @@ def write_axial_series(
         transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
 
         if burn_in:
-            fmt = _PixelFormat.of(ds, path)
+            fmt = PixelFormat.of(ds, path)
             stored = _burned(ds, np.asarray(ds.pixel_array), masks[index], fmt, settings.disclaimer)
             del ds[TAG_PIXEL_DATA]
             ds.add_new(TAG_PIXEL_DATA, "OB" if fmt.bits_allocated == 8 else "OW", stored.astype(fmt.dtype).tobytes())
@@ -560,7 +572,7 @@ def _reformat_template(
     settings: SeriesSettings,
     burn_in: bool,
     template_frame: int = 0,
-) -> tuple[Dataset, _PixelFormat, str]:
+) -> tuple[Dataset, PixelFormat, str]:
     """The dataset every slice of a reformatted series starts from, its pixel format and series UID.
 
     ``template_frame`` > 0: the template is that frame of an enhanced multi-frame file, as a
@@ -568,7 +580,7 @@ def _reformat_template(
     """
     path = Path(template_file)
     ds = ClassicFrames(path).frame(template_frame, pixels=False) if template_frame else _read(path, pixels=False)
-    fmt = _PixelFormat.of(ds, path)
+    fmt = PixelFormat.of(ds, path)
     sop_class = str(_required(ds, "SOPClassUID", path))
     source_series = str(_required(ds, "SeriesInstanceUID", path))
     _required(ds, "FrameOfReferenceUID", path)
@@ -704,8 +716,13 @@ def _pixel_data_pieces(element: DataElement) -> list[bytes] | None:
     if element.VR not in ("OB", "OW") or not isinstance(value, bytes) or element.is_undefined_length:
         return None
     pad = b"\x00" if len(value) % 2 else b""
-    header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, element.VR.encode("ascii"), 0, len(value) + len(pad))
-    return [header, value, pad]
+    return [pixel_data_header(element.VR, len(value) + len(pad)), value, pad]
+
+
+def pixel_data_header(vr: str, length: int) -> bytes:
+    """The explicit VR little endian header of a native PixelData element of ``length`` bytes (the
+    12 bytes before the pixels, which end every file :class:`SliceWriter` writes)."""
+    return struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode("ascii"), 0, length)
 
 
 #: Preamble and prefix of a DICOM file (``dcmwrite`` writes 128 zero bytes when there is none).
@@ -781,7 +798,7 @@ def write_reformatted_slabs(
     slices, rows, columns = geometry.shape
     step = geometry.spacing[2] * geometry.normal
     writers: list[_SeriesWriter] = []
-    fmt: _PixelFormat | None = None
+    fmt: PixelFormat | None = None
     for output in outputs:
         if output.settings.layer_labels:
             _check_layers(output.settings, True)

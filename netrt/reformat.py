@@ -167,7 +167,7 @@ def plane_geometry(source: ImageGeometry, plane: str, spacing_mm: float | None =
     )
 
 
-def _slab_bounds(target: ImageGeometry) -> list[tuple[int, int]]:
+def slab_bounds(target: ImageGeometry) -> list[tuple[int, int]]:
     """``(first slice, slice count)`` of each slab of ``target`` resampled in one SimpleITK call."""
     columns, rows, slices = target.size
     per_slab = max(1, _SLAB_VOXELS // (columns * rows))
@@ -182,7 +182,7 @@ def _resampled_slabs(
     default: float,
     pixel_type: int,
 ) -> Iterator[tuple[int, object, npt.NDArray[Any]]]:
-    """Resample ``image`` (placed on ``source``) onto ``target`` slab by slab (:func:`_slab_bounds`).
+    """Resample ``image`` (placed on ``source``) onto ``target`` slab by slab (:func:`slab_bounds`).
 
     ``image`` is a SimpleITK image or a ``[slice, row, col]`` array on ``source``. Yields ``(first
     slice, owner, array [slice, row, col])``; the array may borrow the owner's buffer, so it is
@@ -194,7 +194,7 @@ def _resampled_slabs(
     axes = aligned_axes(source, target) if linear_float and RESAMPLER == "numpy" else None
     if axes is not None:
         values = image if isinstance(image, np.ndarray) else sitk.GetArrayViewFromImage(image)
-        for first, resliced in aligned_slabs(values, axes, _slab_bounds(target), default, np.float32):
+        for first, resliced in aligned_slabs(values, axes, slab_bounds(target), default, np.float32):
             yield first, resliced, resliced
         return
     if isinstance(image, np.ndarray):
@@ -207,7 +207,7 @@ def _resampled_slabs(
     resampler.SetOutputPixelType(pixel_type)
     resampler.SetOutputSpacing(target.spacing)
     resampler.SetOutputDirection(direction)
-    for first, count in _slab_bounds(target):
+    for first, count in slab_bounds(target):
         slab_origin = target.origin + first * target.spacing[2] * target.normal
         resampler.SetOutputOrigin(tuple(float(v) for v in slab_origin))
         resampler.SetSize((columns, rows, count))
@@ -351,7 +351,35 @@ def _prepare_mask_within(
 def mask_slabs(field: MaskField, target: ImageGeometry) -> Iterator[BoolArray]:
     """The prepared mask on ``target``, slab by slab as :func:`reformat_slabs` cuts it (for writers
     that draw masks on a reformatted grid without resampling the image again)."""
-    yield from _mask_slabs(field, target, _slab_bounds(target))
+    yield from _mask_slabs(field, target, slab_bounds(target))
+
+
+#: The read-only all-False / all-True slabs handed out by :func:`_mask_slabs`, by shape and value:
+#: most slabs of a small ROI's layer hold nothing, and a fresh array for each cost more than drawing
+#: the rest; :func:`slices_holding` knows them without reading them. A handful of shapes per run.
+_BLANKS: dict[tuple[tuple[int, ...], bool], BoolArray] = {}
+_BLANKS_KEPT = 16
+
+
+def _blank(shape: tuple[int, ...], value: bool) -> BoolArray:
+    made = _BLANKS.get((shape, value))
+    if made is None:
+        if len(_BLANKS) >= _BLANKS_KEPT:
+            _BLANKS.clear()  # arrays still in use stay valid; they are only no longer recognised
+        made = np.full(shape, value, dtype=bool)
+        made.flags.writeable = False
+        _BLANKS[shape, value] = made
+    return made
+
+
+def slices_holding(slab: BoolArray) -> BoolArray:
+    """Which slices of a mask slab (``[slice, row, col]``) hold any True voxel; a blank slab from
+    :func:`_mask_slabs` is answered without reading it."""
+    for value in (False, True):
+        if _BLANKS.get((slab.shape, value)) is slab:
+            return np.full(slab.shape[0], value, dtype=bool)
+    holding: BoolArray = np.any(slab.reshape(slab.shape[0], -1), axis=1)
+    return holding
 
 
 def _mask_slabs(field: MaskField, target: ImageGeometry, bounds: Iterable[tuple[int, int]]) -> Iterator[BoolArray]:
@@ -366,16 +394,9 @@ def _mask_slabs(field: MaskField, target: ImageGeometry, bounds: Iterable[tuple[
     target_box = None
     if source_image is not None and field.region is not None:
         target_box = _target_box(target, field.region)
-    blanks: dict[tuple[int, bool], BoolArray] = {}
 
     def blank(count: int, value: bool) -> BoolArray:
-        """A read-only all-``value`` slab, made once per size: most slabs of a small ROI's layer
-        hold nothing, and a fresh array for each cost more than the drawing of the rest."""
-        if (count, value) not in blanks:
-            made = np.full((count, rows, columns), value, dtype=bool)
-            made.flags.writeable = False
-            blanks[count, value] = made
-        return blanks[count, value]
+        return _blank((count, rows, columns), value)
 
     if source_image is None or target_box is None or field.region is None:
         for _, count in bounds:
@@ -527,7 +548,7 @@ def reformat_slabs(prepared: ReformatSource, target: ImageGeometry) -> Iterator[
     values are exactly those of :func:`reformat` on the same grid (it is built from these slabs).
     ``target`` is normally :func:`plane_geometry` ``(prepared.geometry, plane, spacing_mm)``.
     """
-    bounds = _slab_bounds(target)
+    bounds = slab_bounds(target)
     masks = _mask_slabs(prepared.mask, target, bounds)
     layers = [_mask_slabs(layer, target, bounds) for layer in prepared.layers]
     images = _resampled_slabs(

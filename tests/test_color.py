@@ -417,3 +417,53 @@ def test_pre_encoded_colour_files_are_what_dcmwrite_writes(made: Made) -> None:
             buffer = BytesIO()
             dcmwrite(buffer, dcmread(path), enforce_file_format=True)
             assert buffer.getvalue() == path.read_bytes(), f"{plane}: {path.name}"
+
+
+def _pixel_bytes(files: list[Path]) -> dict[str, bytes]:
+    return {path.name: dcmread(path).PixelData for path in files}
+
+
+def test_reformatted_colour_reads_the_overlay_series_and_gives_the_same_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the plane's overlay series written first (the flow's order), the colour series reads
+    its image from those files instead of resampling the source; without it, it resamples. Both
+    give the same files, pixel for pixel (stored precision either way); a damaged overlay series is
+    not read."""
+    from netrt.outputs import color as color_module
+    from netrt.outputs.overlay import written_plane_image
+    from netrt.pipeline import output_context, write_output
+
+    spec = PhantomSpec(rows=64, columns=64, pixel_spacing=(2.0, 2.0), slice_spacing=2.5, slices=24)
+    manifest = write_phantom(spec, tmp_path / "phantom")
+    study = load_study([*manifest.image_files, manifest.rtstruct_file])
+    processing = ProcessingConfig(ignore_rois=IGNORE, outputs=["overlay", "color"])
+    colour: dict[str, dict[str, list[Path]]] = {}
+    for variant in ("from-overlay", "resampled"):
+        work = tmp_path / variant
+        masks = compute_mask(study, processing, work)
+        colour[variant] = {}
+        for plane in ("coronal", "sagittal"):
+            if variant == "from-overlay":
+                write_output(study, masks, "overlay", plane, processing, work)
+                assert written_plane_image(output_context(study, masks, processing, work), plane) is not None
+                with monkeypatch.context() as patched:  # reading the overlay series: no resampling at all
+                    patched.setattr(color_module, "reformat_slabs", None)
+                    (series,) = write_output(study, masks, "color", plane, processing, work)
+            else:
+                assert written_plane_image(output_context(study, masks, processing, work), plane) is None
+                (series,) = write_output(study, masks, "color", plane, processing, work)
+            colour[variant][plane] = list(series.files)
+    for plane in ("coronal", "sagittal"):
+        assert _pixel_bytes(colour["from-overlay"][plane]) == _pixel_bytes(colour["resampled"][plane])
+
+    # a truncated overlay file: the series is not read (resampled instead), and the colour files stay the same
+    work = tmp_path / "from-overlay"
+    masks = compute_mask(study, processing, work)
+    context = output_context(study, masks, processing, work)
+    overlay_files = sorted((work / "series" / "coronal").glob("*.dcm"))
+    damaged = overlay_files[len(overlay_files) // 2]
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    assert written_plane_image(context, "coronal") is None
+    (series,) = write_output(study, masks, "color", "coronal", processing, work)
+    assert _pixel_bytes(list(series.files)) == _pixel_bytes(colour["resampled"]["coronal"])

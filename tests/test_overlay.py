@@ -20,11 +20,11 @@ from netrt.burnin import burn, burn_value, outline, stored_range
 from netrt.errors import DicomInputError, NetrtError
 from netrt.geometry import ImageGeometry, geometry_from_slices
 from netrt.overlay import (
+    PixelFormat,
     SeriesOutput,
     SeriesSettings,
     _encode,
     _encoder,
-    _PixelFormat,
     _reformat_template,
     _set_slice,
     _slice_tags,
@@ -385,7 +385,7 @@ def test_stored_conversion_inverts_the_rescale_and_clips() -> None:
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation = 16, 12, 0
     ds.RescaleSlope, ds.RescaleIntercept = "2", "-1000"
-    fmt = _PixelFormat.of(ds, Path("x.dcm"))
+    fmt = PixelFormat.of(ds, Path("x.dcm"))
     values = np.array([-1000.0, -999.2, 0.0, 7190.0, 9000.0, -5000.0], np.float32)
     np.testing.assert_array_equal(fmt.to_stored(values), [0, 0, 500, 4095, 4095, 0])
     assert fmt.to_stored(values).dtype == np.dtype("<u2")
@@ -508,7 +508,7 @@ def test_streamed_series_are_byte_identical_to_the_whole_volume_series(
     images = load_study([*current.manifest.image_files, current.manifest.rtstruct_file]).images
     geometry = images.geometry
     target = plane_geometry(geometry, plane)
-    assert len(reformat_module._slab_bounds(target)) > 3
+    assert len(reformat_module.slab_bounds(target)) > 3
     source_image = read_source_image(images)
     assert source_image.GetPixelID() == sitk.sitkInt16  # integer HU: the compact type
     prepared = prepare_source(source_image, prepare_mask(current.mask, geometry), geometry)

@@ -264,3 +264,16 @@ def test_a_mask_given_inside_its_box_reformats_exactly_like_the_whole_grid_mask(
         np.testing.assert_array_equal(np.concatenate(list(mask_slabs(from_box, target))), merged)
     with pytest.raises(ValueError, match="does not fill the box"):
         prepare_mask(whole[:2], source, within=(slice(0, 3), slice(None, source.shape[1]), slice(0, source.shape[2])))
+
+
+def test_slices_holding_answers_blank_slabs_without_reading_them_and_reads_the_rest() -> None:
+    from netrt.reformat import _blank, slices_holding
+
+    empty, full = _blank((3, 4, 5), False), _blank((3, 4, 5), True)
+    assert not empty.flags.writeable and _blank((3, 4, 5), False) is empty  # made once, shared, read-only
+    assert slices_holding(empty).tolist() == [False, False, False]
+    assert slices_holding(full).tolist() == [True, True, True]
+    mask = np.zeros((3, 4, 5), dtype=bool)
+    mask[1, 2, 3] = True
+    assert slices_holding(mask).tolist() == [False, True, False]
+    assert slices_holding(np.ones((3, 4, 5), dtype=bool)[:, ::2]).tolist() == [True, True, True]  # a strided one

@@ -32,10 +32,16 @@ Choices, and why:
   applied with the linear VOI function of PS3.3 C.11.2.1.2.1; without one, CT gets soft tissue
   (40/400 HU) and other modalities the 1st-99th percentile of the volume (MR has no absolute scale).
   One window for the whole series, from its first slice, so slices look alike while scrolling.
-* **Reformats reuse netrt.reformat**: the image exactly as the overlay series resample it, and
-  each ROI's mask through the same signed-distance path (:func:`netrt.reformat.prepare_mask`), one
-  per ROI, streamed slab by slab beside the image slabs: neither the reformatted volume nor any
-  whole-grid ROI mask beyond the one being prepared is held.
+* **Reformats show what the overlay series shows.** The coronal/sagittal image is the one the
+  overlay series of that plane stores: read from its files when this run wrote them (the flow
+  writes overlay series first; :func:`netrt.outputs.overlay.written_plane_image`), which saves
+  resampling the source a second time, else resampled here the same way and rounded to the
+  source's stored precision as that series rounds it. Both ways give the same pixels (tested), so
+  a colour series' UIDs always stand for the same pixels whatever else was configured. Each ROI's
+  mask goes through the same signed-distance path as the overlays
+  (:func:`netrt.reformat.prepare_mask`), one per ROI, streamed slab by slab beside the image
+  slabs: neither the reformatted volume nor any whole-grid ROI mask beyond the one being prepared
+  is held.
 """
 
 from __future__ import annotations
@@ -59,10 +65,21 @@ from netrt.burnin import first_value, outline
 from netrt.errors import DicomInputError, NetrtError, RoiError
 from netrt.geometry import ImageGeometry
 from netrt.outputs.base import OutputContext, OutputKind, WrittenSeries
+from netrt.outputs.overlay import WrittenPlaneImage, written_plane_image
 from netrt.outputs.rois import RoiBox, RoiInfo, load_roi_box
 from netrt.outputs.text import Annotation, composite, render_annotation
-from netrt.overlay import SliceWriter, output_instance_uid
-from netrt.reformat import PLANES, MaskField, plane_geometry, prepare_mask, prepare_source, reformat_slabs
+from netrt.overlay import PixelFormat, SliceWriter, output_instance_uid
+from netrt.reformat import (
+    PLANES,
+    MaskField,
+    mask_slabs,
+    plane_geometry,
+    prepare_mask,
+    prepare_source,
+    reformat_slabs,
+    slab_bounds,
+    slices_holding,
+)
 from netrt.settings import PLANE_NUMBER
 from netrt.stamps import stamp_files
 from netrt.study import LoadedStudy
@@ -373,11 +390,17 @@ def write_color_series(
     settings: ColorSettings,
     *,
     volume_cache: Path | None = None,
+    plane_image: WrittenPlaneImage | None = None,
 ) -> list[Path]:
     """Write the colour series of ``plane`` for ``study`` into ``out_dir``; the files in slice order.
 
     ``volume_cache``: the folder where the decoded source volume is shared with the other writers of
     the run (:func:`netrt.study.volume_cache.source_volume`); None decodes it here.
+    ``plane_image``: coronal/sagittal, the plane's image as its overlay series stores it
+    (:func:`netrt.outputs.overlay.written_plane_image`), read instead of resampling the source.
+    Either way the image is windowed at the source's stored precision (resampled, stored as the
+    overlay series stores it, back to modality values), so the pixels do not depend on whether an
+    overlay series was there to read: the same UIDs always carry the same pixels.
 
     ``rois`` are the ROIs to draw, in legend order (drawing order too: a later ROI's outline wins
     where two meet); ``roi_masks`` the file of :func:`netrt.outputs.rois.save_roi_masks` /
@@ -436,19 +459,45 @@ def write_color_series(
         box = _roi_box(roi_masks, roi, geometry.shape)
         fields.append(prepare_mask(box.mask, geometry, within=box.box))
     step = target.spacing[2] * target.normal
-    for slab in reformat_slabs(prepare_source(volume, MaskField("empty"), geometry, fields), target):
-        for offset in range(slab.image.shape[0]):
-            index = slab.first + offset
+
+    def draw(first: int, image: npt.NDArray[np.float32], layers: Sequence[BoolArray]) -> None:
+        # which slices of the slab each ROI touches, in one pass per layer (most touch few of them)
+        touched = [slices_holding(layer) for layer in layers]
+        for offset in range(image.shape[0]):
+            index = first + offset
             drawn = draw_slice(
-                window_to_grey(slab.image[offset], window, invert),
-                [(roi.color, layer[offset]) for roi, layer in zip(rois, slab.layers, strict=True)],
+                window_to_grey(image[offset], window, invert),
+                [
+                    (roi.color, layer[offset])
+                    for roi, layer, hit in zip(rois, layers, touched, strict=True)
+                    if hit[offset]
+                ],
                 opacity,
                 annotation,
             )
             sc.ImagePositionPatient = _ds_strings(target.origin + index * step)
             _set_slice(sc, series_uid, index, drawn)
             written.append(writer.write())
+
+    if plane_image is not None:  # the plane as its overlay series stores it: no second resampling
+        layers = [mask_slabs(field, target) for field in fields]
+        for first, count in slab_bounds(target):
+            draw(first, plane_image.values(first, count), [next(layer) for layer in layers])
+        return written
+    stored_format = _stored_format(source, headers.slices[0].path)
+    for slab in reformat_slabs(prepare_source(volume, MaskField("empty"), geometry, fields), target):
+        image = slab.image if stored_format is None else stored_format.to_modality(stored_format.to_stored(slab.image))
+        draw(slab.first, image, slab.layers)
     return written
+
+
+def _stored_format(source: Dataset, path: Path) -> PixelFormat | None:
+    """The source's stored pixel format, which a reformatted overlay series is written in; None
+    when no overlay series can be (colour, a Modality LUT: the resampled values are used as they are)."""
+    try:
+        return PixelFormat.of(source, path)
+    except DicomInputError:
+        return None
 
 
 #: SeriesNumber of the colour series: processing.series_number_base plus this plus 1, 2, 3 (plane).
@@ -468,7 +517,14 @@ def _write_kind(context: OutputContext, plane: str) -> list[WrittenSeries]:
     )
     folder = context.work_dir / "series" / f"color-{plane}"
     files = write_color_series(
-        context.study, context.rois, context.roi_masks, plane, folder, settings, volume_cache=context.volume_cache
+        context.study,
+        context.rois,
+        context.roi_masks,
+        plane,
+        folder,
+        settings,
+        volume_cache=context.volume_cache,
+        plane_image=written_plane_image(context, plane),
     )
     series_uid = color_series_uid(context.study.images.series_instance_uid, plane, key)
     return [WrittenSeries(plane, False, series_uid, folder, tuple(files), stamp_files(files), "color")]

@@ -12,20 +12,28 @@ written series carries a note saying so, which the run summary shows.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 
+from netrt.errors import DicomInputError, NetrtError
 from netrt.masks import load_mask
 from netrt.outputs.base import OutputContext, OutputKind, WrittenSeries
 from netrt.outputs.rois import RoiBox, RoiInfo, load_roi_box
 from netrt.overlay import (
     MAX_OVERLAY_GROUPS,
+    PixelFormat,
     SeriesOutput,
     SeriesSettings,
+    output_instance_uid,
     output_series_uid,
+    pixel_data_header,
     write_axial_series,
     write_reformatted_slabs,
 )
@@ -155,6 +163,94 @@ def write_overlay_series(context: OutputContext, plane: str, burn_in: bool) -> l
     series_uid = output_series_uid(study.images.series_instance_uid, plane, settings.settings_key, burn_in)
     kind = "burn_in" if burn_in else "overlay"
     return [WrittenSeries(plane, burn_in, series_uid, folder, tuple(files), stamp_files(files), kind, notes)]
+
+
+@dataclass(frozen=True)
+class WrittenPlaneImage:
+    """The image of a reformatted plane as the overlay series of this work dir stores it.
+
+    Its files end with the native PixelData element (:class:`netrt.overlay.SliceWriter`), so a
+    slice's stored values are the file's last ``rows * columns * bytes`` bytes, read without
+    parsing the data set; the 12 bytes before them must be the PixelData header, or nothing is
+    read. Other kinds of the same plane read the image here instead of resampling the source again
+    (:mod:`netrt.outputs.color`; 0.5-1 s per plane of 512 x 512 x 200, ``BENCHMARKS.md`` figure 9).
+    """
+
+    files: tuple[Path, ...]
+    rows: int
+    columns: int
+    pixel_format: PixelFormat
+
+    @property
+    def _pixel_bytes(self) -> int:
+        return self.rows * self.columns * self.pixel_format.dtype.itemsize
+
+    @property
+    def _header(self) -> bytes:
+        return pixel_data_header("OB" if self.pixel_format.bits_allocated == 8 else "OW", self._pixel_bytes)
+
+    def ends_with_pixels(self, path: Path) -> bool:
+        """Whether ``path`` ends with a PixelData element of this image's size (12 bytes read)."""
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(-(self._pixel_bytes + len(self._header)), os.SEEK_END)
+                return handle.read(len(self._header)) == self._header
+        except OSError:
+            return False
+
+    def values(self, first: int, count: int) -> npt.NDArray[np.float32]:
+        """Modality values (float32, ``[slice, row, col]``) of slices ``first .. first + count - 1``.
+
+        Raises:
+            NetrtError: a file is gone or no longer ends with its pixels (re-run the step).
+        """
+        fmt = self.pixel_format
+        size, header = self._pixel_bytes, self._header
+        stored = np.empty((count, self.rows, self.columns), dtype=fmt.dtype)
+        for offset, path in enumerate(self.files[first : first + count]):
+            try:
+                with open(path, "rb") as handle:
+                    handle.seek(-(size + len(header)), os.SEEK_END)
+                    found = handle.read(len(header))
+                    read = handle.readinto(memoryview(stored[offset]).cast("B"))
+            except OSError as exc:
+                raise NetrtError(f"{path}: cannot read the written plane image: {exc}") from exc
+            if found != header or read != size:
+                raise NetrtError(f"{path}: does not end with the {size} bytes of pixels it was written with")
+        return fmt.to_modality(stored)
+
+
+def written_plane_image(context: OutputContext, plane: str) -> WrittenPlaneImage | None:
+    """The image of ``plane`` (coronal or sagittal) from the overlay series this run wrote in
+    ``context.work_dir``, or None when that series is not there whole (not configured, not written
+    yet, a file missing or not as written): then the caller resamples the source itself.
+
+    The series is found by its deterministic UIDs (:func:`netrt.overlay.output_series_uid` with the
+    overlay kind's settings key), so only a series written for this study, grid and settings is
+    read; its files are never changed after their rename.
+    """
+    if plane == "axial":
+        return None
+    study, processing = context.study, context.processing
+    per_roi = processing.overlay_groups == "per_roi"
+    _, labels, _ = overlay_layers(context.rois) if per_roi else ([], (), ())
+    settings = series_settings(context, plane, [roi.name for roi in context.rois], False, labels)
+    series_uid = output_series_uid(study.images.series_instance_uid, plane, settings.settings_key, False)
+    target = plane_geometry(study.images.geometry, plane, processing.reformat_spacing_mm)
+    folder = context.work_dir / "series" / plane
+    files = tuple(folder / f"{output_instance_uid(series_uid, index)}.dcm" for index in range(target.shape[0]))
+    if not all(path.is_file() for path in files):
+        return None
+    try:
+        first = dcmread(files[0], stop_before_pixels=True)
+        fmt = PixelFormat.of(first, files[0])
+    except (InvalidDicomError, DicomInputError, OSError, EOFError, ValueError):
+        return None
+    _, rows, columns = target.shape
+    if (int(first.get("Rows", 0)), int(first.get("Columns", 0))) != (rows, columns):
+        return None
+    image = WrittenPlaneImage(files, rows, columns, fmt)
+    return image if all(image.ends_with_pixels(path) for path in files) else None
 
 
 def _write_overlay(context: OutputContext, plane: str) -> list[WrittenSeries]:
