@@ -9,6 +9,7 @@ from the RTSTRUCT with pydicom, not with NETRT's RoiInfo. dciodvfy checks the IO
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from pydicom.sr.codedict import codes
 from netrt.config import ProcessingConfig
 from netrt.errors import NetrtError, RoiError
 from netrt.masks import read_structure_set, roi_mask
+from netrt.outputs import seg as seg_module
 from netrt.outputs.rois import RoiInfo, build_roi_masks, load_roi_mask, save_roi_masks
 from netrt.outputs.seg import (
     GENERIC_CODES,
@@ -43,7 +45,7 @@ from netrt.study import LoadedStudy, load_study
 from netrt.uids import is_valid_uid
 
 from .conftest import IN_CI, require_shared, require_tool
-from .test_study import dicom_files, remove_slices
+from .test_study import dicom_files, edit, remove_slices
 
 BoolArray = npt.NDArray[np.bool_]
 # SimpleITK's SWIG functions carry no annotations (the same device as in netrt.geometry).
@@ -378,6 +380,53 @@ def test_a_missing_slice_is_never_referenced(tmp_path: Path) -> None:
         expected = roi_mask(structures[name], study.images.geometry)[0][list(study.images.slice_indices)]
         assert np.array_equal(pixels[..., index].astype(bool), expected), name
         assert dice(pixels[..., index].astype(bool), truth[name][list(study.images.slice_indices)]) >= 0.9, name
+
+
+def fast_and_plain(study: LoadedStudy, work: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Dataset, Dataset]:
+    """The SEG as written (highdicom given the input in its fastest form) and as the plain call
+    writes it (bool array, segments last, the images off the run as further_source_images)."""
+    _, fast = write_for(study, work / "fast")
+    plain_call = functools.partial(seg_module._segmentation, plain=True)
+    monkeypatch.setattr(seg_module, "_segmentation", plain_call)
+    _, plain = write_for(study, work / "plain")
+    return without_creation_time(fast), without_creation_time(plain)
+
+
+def frame_sources(seg: Dataset) -> set[str]:
+    return {
+        source.ReferencedSOPInstanceUID
+        for frame in seg.PerFrameFunctionalGroupsSequence
+        for source in frame.DerivationImageSequence[0].SourceImageSequence
+    }
+
+
+def test_the_fast_call_gives_the_same_seg_as_the_plain_one(
+    phantom: tuple[PhantomManifest, LoadedStudy], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, study = phantom
+    fast, plain = fast_and_plain(study, tmp_path, monkeypatch)
+    assert fast == plain, "the same dataset apart from when this copy was made"
+    assert fast.file_meta == plain.file_meta
+    # the case the fast form exists for: images beyond the run of slices with frames
+    assert len(frame_sources(fast)) < len(fast.SourceImageSequence) == len(study.images.files)
+
+
+def test_an_orientation_off_by_rounding_outside_the_frames_falls_back_to_the_plain_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NETRT accepts orientations that differ by up to 1e-4; highdicom wants source images with the
+    very same one. An image without frames that differs keeps being referenced, as before."""
+    manifest = write_phantom(SMALL, tmp_path / "phantom")
+    bottom = manifest.image_files[0]
+    edit(bottom, lambda ds: setattr(ds, "ImageOrientationPatient", [1, 1e-7, 0, 0, 1, 0]))
+    study = load_study(dicom_files(manifest))
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.images.files]
+    assert not seg_module._one_geometry(headers)
+    fast, plain = fast_and_plain(study, tmp_path, monkeypatch)
+    assert fast == plain
+    bottom_uid = pydicom.dcmread(bottom, stop_before_pixels=True).SOPInstanceUID
+    assert bottom_uid in {item.ReferencedSOPInstanceUID for item in fast.SourceImageSequence}
+    assert bottom_uid not in frame_sources(fast)
 
 
 # --------------------------------------------------------------------------------------------

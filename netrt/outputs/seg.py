@@ -16,17 +16,38 @@ Decisions, and why:
   slice is never referenced. Each frame's DerivationImageSequence names its own source image;
   SourceImageSequence and ReferencedSeriesSequence list every received image. Only headers are
   read (``stop_before_pixels``): highdicom needs the geometry and identity, not the pixels.
-* **Frames.** BINARY, empty frames omitted. Only the run of received slices between the first
-  and last slice any kept ROI touches is handed to highdicom (the other images are passed as
-  ``further_source_images``, so they are still referenced), because highdicom holds the stacked
-  segments (one byte per voxel and segment) plus an int64 overlap count per voxel: cropping to
-  the structures keeps that to the slices that carry frames at all. Measured on the 512x512x200
-  phantom (``netrt phantom --extra-spheres 5``): the 9 ROIs kept by default span 40 slices, 2.1 s
-  and 220 MiB above the process's RSS before the call; with the body outline and skull kept too
-  (11 ROIs over all 200 slices) 7.1 s and 1040 MiB, i.e. about (segments + 8) bytes per voxel of
-  that run of slices. A kept whole-body ROI therefore makes the SEG the largest holder of memory
-  in a run; going below that needs highdicom to take the segments in pieces (it takes one array),
-  which is left open against issue 17's 1000-slice memory target.
+* **Frames.** BINARY, empty frames omitted. Only the run of received slices between the first and
+  last slice any kept ROI touches is handed to highdicom as frames (the other images are still
+  referenced, see **Speed**), because highdicom holds the stacked segments (one byte per voxel and
+  segment) plus a uint64 overlap count per voxel: cropping to the structures keeps that to the
+  slices that carry frames at all. Measured on the 512x512x200 phantom (``netrt phantom
+  --extra-spheres 5``; ``write_seg`` alone, first call in a process with highdicom already
+  imported, medians of 3 runs on a 2-core machine): the 9 ROIs kept by default span 40 slices,
+  0.56 s and 165 MiB above the process's RSS before the call; with the body outline and skull kept
+  too (11 ROIs over all 200 slices) 2.0 s and 615 MiB: 8 bytes per voxel of that run of slices
+  (highdicom's uint64 count of segments per voxel) plus the pages of each segment's volume its ROI
+  touches (``np.zeros`` maps pages when they are first written). A kept whole-body ROI therefore
+  makes the SEG the largest holder of memory in a run; going below that needs highdicom to take
+  the segments in pieces (it takes one array), which is left open against issue 17's 1000-slice
+  memory target.
+* **Speed.** Three things, none changing the dataset (tests/test_seg.py compares it with the plain
+  call's, apart from the creation times): (1) the segments are built as one contiguous uint8
+  volume each and handed over as a view with the segments last (highdicom's layout), so each
+  frame highdicom cuts out is contiguous and already uint8 (no gather, no cast) and its overlap
+  count adds whole planes; (2) the images outside the run are not passed as
+  ``further_source_images``, which highdicom checks one by one (SOP class against its IOD tables,
+  about 3.6 ms each, and a spatial match of each against the frames), but as ``source_images``
+  too, with the frames' positions given as ``plane_positions`` (the run's own, which highdicom
+  would copy): the same references in the same order and each frame derived from its own image,
+  matched in one pass. highdicom wants source images with one series, matrix and frame of
+  reference and the very same ImageOrientationPatient (NETRT accepts 1e-4 of difference), so
+  headers that differ get the plain call; (3) Python's cyclic garbage collector is paused while the
+  headers are read and highdicom builds the dataset: the process holds some 150,000 tracked
+  objects before the call (60,000 of them pydicom's code dictionaries), the headers and the SEG's
+  small datasets add many more, and they triggered one or two full collections per call, each
+  walking all of them (about 0.1 s); the collector is restored afterwards, so any cycles made
+  meanwhile are collected then. Before these (same measure): 1.04 s and 195 MiB for the 9 ROIs,
+  5.0 s and 1065 MiB for the 11.
 * **Algorithm type MANUAL.** The contours were drawn by a person or a treatment-planning system;
   NETRT only rasterised them (pixel-centre rule, :mod:`netrt.rasterize`). The RTSTRUCT's
   Manufacturer and StructureSetLabel go into ContentDescription (LO: cut to 64 characters), so a
@@ -76,15 +97,18 @@ around it, i.e. spatial concepts. The generic code for an unknown or empty type 
 a contour on a CT or MR almost always outlines tissue, and the code claims nothing more.
 
 highdicom (and pydicom's code dictionary it loads) is imported inside :func:`write_seg`: it costs
-about two seconds, which every flow-run process would otherwise pay even when ``seg`` is not
-configured.
+about 0.6 s (0.4 s of it pydicom's code dictionaries, which highdicom imports whatever is used),
+which every flow-run process would otherwise pay even when ``seg`` is not configured. Importing
+only ``highdicom.seg`` costs the same: the package's ``__init__`` imports every subpackage.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +128,7 @@ from netrt.study import LoadedStudy
 from netrt.uids import checked_uid, derived_uid
 
 BoolArray = npt.NDArray[np.bool_]
+U8Array = npt.NDArray[np.uint8]
 
 #: The name standing in for a plane in the derived UIDs (overlay series use axial/coronal/sagittal).
 SEG_PLANE = "seg"
@@ -235,6 +260,69 @@ def _set_dimension_organization_uid(seg: Dataset, uid: str) -> None:
         item.DimensionOrganizationUID = uid
 
 
+def _one_geometry(headers: Sequence[Dataset]) -> bool:
+    """Whether the headers pass highdicom's checks of ``source_images`` (one study, series, frame of
+    reference and matrix size, and the very same ImageOrientationPatient)."""
+    first = headers[0]
+
+    def key(ds: Dataset) -> tuple[Any, ...]:
+        return (
+            ds.get("StudyInstanceUID"),
+            ds.get("SeriesInstanceUID"),
+            ds.get("FrameOfReferenceUID"),
+            ds.get("Rows"),
+            ds.get("Columns"),
+        )
+
+    orientation, common = first.get("ImageOrientationPatient"), key(first)
+    return orientation is not None and all(
+        key(ds) == common and ds.get("ImageOrientationPatient") == orientation for ds in headers
+    )
+
+
+@contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside (as it was after): see the module docstring."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _segmentation(
+    headers: list[Dataset], first: int, last: int, segments: U8Array, *, plain: bool = False, **options: Any
+) -> Dataset:
+    """highdicom's BINARY Segmentation of ``segments`` (segment, frame, row, column) on the source
+    images ``headers[first : last + 1]`` (one per frame), referencing the other headers too.
+
+    ``plain`` makes the call in its plain form (bool array with the segments last, the other images
+    as ``further_source_images``); the default gives highdicom the same content in the form it
+    handles fastest (see the module docstring), and tests/test_seg.py checks both give the same
+    dataset.
+    """
+    import highdicom as hd
+
+    run, others = headers[first : last + 1], headers[:first] + headers[last + 1 :]
+    options |= {"segmentation_type": hd.seg.SegmentationTypeValues.BINARY, "omit_empty_frames": True}
+    if plain:
+        stack = np.moveaxis(segments, 0, -1).astype(bool, order="C")  # segments last, contiguous
+        return hd.seg.Segmentation(source_images=run, further_source_images=others, pixel_array=stack, **options)
+    # Segment s of frame f is segments[s, f], contiguous and already uint8: highdicom's per-frame
+    # slices need neither a gather nor a cast.
+    stack = np.moveaxis(segments, 0, -1)
+    if not others or not _one_geometry(headers):
+        return hd.seg.Segmentation(source_images=run, further_source_images=others, pixel_array=stack, **options)
+    # highdicom checks each further source image on its own (SOP class against the IOD tables, its
+    # own spatial match against the frames): as source images, with the frames' positions given
+    # (the run's own, as highdicom would copy them), it matches them all at once. Same references
+    # in the same order, same per-frame derivation (each frame's own image, locations preserved).
+    positions = hd.utils.get_plane_positions_of_series(run)
+    return hd.seg.Segmentation(source_images=run + others, plane_positions=positions, pixel_array=stack, **options)
+
+
 def write_seg(
     study: LoadedStudy,
     rois: Sequence[RoiInfo],
@@ -256,7 +344,7 @@ def write_seg(
         DicomInputError: a source image header or the RTSTRUCT cannot be read.
         NetrtError: the mask file cannot be read.
     """
-    import highdicom as hd  # about two seconds; see the module docstring
+    import highdicom as hd  # about 0.6 s; see the module docstring
     from pydicom.sr.codedict import codes
 
     if not rois:
@@ -286,14 +374,16 @@ def write_seg(
     else:
         position = [i - first for i in range(len(received))]
 
-    # Pass 2: the stacked segments over the run of received slices (frames) that holds any frame.
-    stack = np.zeros((last - first + 1, grid[1], grid[2], len(rois)), dtype=bool)
+    # Pass 2: the segments over the run of received slices (frames) that holds any frame, one
+    # contiguous uint8 volume per segment (see _segmentation for why this layout).
+    segments = np.zeros((len(rois), last - first + 1, grid[1], grid[2]), dtype=np.uint8)
     for index, roi in enumerate(rois):
         box = _roi_box(roi_masks, roi, grid)
         for i, row in _received_rows(box, received):
-            stack[position[i], box.box[1], box.box[2], index] = box.mask[row]
+            segments[index, position[i], box.box[1], box.box[2]] = box.mask[row]
 
-    headers = [_read_header(path) for path in images.files]
+    with _collection_paused():
+        headers = [_read_header(path) for path in images.files]
     if images.is_multiframe:
         first, last = 0, 0  # the one multi-frame image is the source; its frames are the SEG's references
     try:
@@ -322,30 +412,30 @@ def write_seg(
     if timestamp is not None:
         extra["content_date"], extra["content_time"] = timestamp
     try:
-        seg = hd.seg.Segmentation(
-            source_images=headers[first : last + 1],
-            further_source_images=headers[:first] + headers[last + 1 :],
-            pixel_array=stack,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=instance_uid,
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=MANUFACTURER,
-            software_versions=__version__,
-            device_serial_number=DEVICE_SERIAL_NUMBER,
-            content_description=content_description(rtstruct),
-            content_label=CONTENT_LABEL,
-            series_description=long_string(series_description),
-            omit_empty_frames=True,
-            **extra,
-        )
+        with _collection_paused():
+            seg = _segmentation(
+                headers,
+                first,
+                last,
+                segments,
+                segment_descriptions=descriptions,
+                series_instance_uid=series_uid,
+                series_number=series_number,
+                sop_instance_uid=instance_uid,
+                instance_number=1,
+                manufacturer=MANUFACTURER,
+                manufacturer_model_name=MANUFACTURER,
+                software_versions=__version__,
+                device_serial_number=DEVICE_SERIAL_NUMBER,
+                content_description=content_description(rtstruct),
+                content_label=CONTENT_LABEL,
+                series_description=long_string(series_description),
+                **extra,
+            )
     except (ValueError, TypeError, AttributeError) as exc:
         # highdicom checks the source headers (same series, same size, geometry present); name them.
         raise DicomInputError(f"cannot build the SEG from the source images: {exc}", images.files[0]) from exc
-    del stack
+    del segments
     _set_dimension_organization_uid(seg, derived_uid(series_uid, "dimension-organization"))
 
     target = out_dir / f"{checked_uid(instance_uid, 'SOPInstanceUID')}.dcm"
