@@ -510,3 +510,29 @@ def test_build_roi_masks_keeps_by_the_patterns_and_rasterises_each_roi(
         )
     with pytest.raises(RoiError, match="no ROI is kept"):
         build_roi_masks(study.rtstruct_file, study.images.geometry, ["nothing-matches"], [], tmp_path / "none.npz")
+
+
+def test_overlapping_seg_writes_leave_the_garbage_collector_as_they_found_it() -> None:
+    """The collector pause is process-wide: two overlapping pauses (threads) end with it back on."""
+    import gc
+    import threading
+
+    from netrt.outputs.seg import _collection_paused
+
+    assert gc.isenabled()
+    inside, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with _collection_paused():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert inside.wait(10)
+    with _collection_paused():  # overlaps the first: entered while off, leaves before it
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the first is still inside
+    release.set()
+    thread.join(10)
+    assert gc.isenabled()

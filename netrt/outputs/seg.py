@@ -106,6 +106,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import threading
 import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -280,16 +281,31 @@ def _one_geometry(headers: Sequence[Dataset]) -> bool:
     )
 
 
+_pause_guard = threading.Lock()
+_pauses = 0  # SEG writes inside _collection_paused now, in any thread of the process
+_enabled_before = False  # whether the collector ran before the first of them paused it
+
+
 @contextmanager
 def _collection_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off inside (as it was after): see the module docstring."""
-    enabled = gc.isenabled()
-    gc.disable()
+    """Python's cyclic garbage collector off inside (as it was after): see the module docstring.
+
+    The collector is one switch for the whole process: SEG writes that overlap in threads share
+    one pause, and the last to leave restores what was there before the first came in (a plain
+    save-and-restore per call would leave it off when two overlap)."""
+    global _pauses, _enabled_before
+    with _pause_guard:
+        if _pauses == 0:
+            _enabled_before = gc.isenabled()
+            gc.disable()
+        _pauses += 1
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        with _pause_guard:
+            _pauses -= 1
+            if _pauses == 0 and _enabled_before:
+                gc.enable()
 
 
 def _segmentation(
