@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +46,20 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def segimage2itkimage() -> str:
+    """dcmqi's SEG reader: installed into the venv by the dev group (PyPI ``dcmqi``)."""
+    local = Path(sys.executable).parent / "segimage2itkimage"
+    if local.exists():
+        return str(local)
+    found = shutil.which("segimage2itkimage")
+    if found is None:
+        message = "dcmqi's segimage2itkimage is not installed (dev group of pyproject.toml)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
 
 
 def require_shared(relative: str) -> Path:

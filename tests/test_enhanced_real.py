@@ -47,7 +47,7 @@ from netrt.outputs.rois import load_roi_mask
 from netrt.pipeline import compute_mask, write_output
 from netrt.study import LoadedStudy, find_studies, load_study, read_image_volume
 
-from .conftest import IN_CI, free_port, require_tool
+from .conftest import IN_CI, free_port, require_tool, segimage2itkimage
 
 BoolArray = npt.NDArray[np.bool_]
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -235,19 +235,6 @@ def dciodvfy_errors(path: Path) -> list[str]:
     tool = require_tool("dciodvfy")
     result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-
-
-def segimage2itkimage() -> str:
-    local = Path(sys.executable).parent / "segimage2itkimage"
-    if local.exists():
-        return str(local)
-    found = shutil.which("segimage2itkimage")
-    if found is None:
-        message = "dcmqi's segimage2itkimage is not installed (dev group of pyproject.toml)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 # --- the Enhanced CT -------------------------------------------------------------------------------

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ from netrt.phantom import PhantomManifest, PhantomSpec, truth_masks, write_phant
 from netrt.study import LoadedStudy, load_study
 from netrt.uids import is_valid_uid
 
-from .conftest import IN_CI, require_shared, require_tool
+from .conftest import require_shared, require_tool, segimage2itkimage
 from .test_study import dicom_files, edit, remove_slices
 
 BoolArray = npt.NDArray[np.bool_]
@@ -76,20 +74,6 @@ def dciodvfy_errors(path: Path) -> list[str]:
     tool = require_tool("dciodvfy")
     result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
     return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
-
-
-def segimage2itkimage() -> str:
-    """dcmqi's reader: installed into the venv by the dev group (PyPI ``dcmqi``)."""
-    local = Path(sys.executable).parent / "segimage2itkimage"
-    if local.exists():
-        return str(local)
-    found = shutil.which("segimage2itkimage")
-    if found is None:
-        message = "dcmqi's segimage2itkimage is not installed (dev group of pyproject.toml)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 def read_with_dcmqi(seg_file: Path, out: Path) -> list[tuple[dict[str, Any], sitk.Image]]:
