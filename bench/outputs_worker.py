@@ -30,6 +30,10 @@ def main() -> None:
     from netrt.study import find_studies, load_study
 
     processing = ProcessingConfig(outputs=args.outputs.split(","))
+    if {"seg", "color"} & set(processing.outputs):
+        # highdicom is imported where SEG and colour series are written (netrt keeps it off the
+        # overlay-only path); imported here, so that "imports excluded" holds for every variant
+        import highdicom  # noqa: F401
     stages: dict[str, float] = {}
     started = time.perf_counter()
 

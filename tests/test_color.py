@@ -467,3 +467,21 @@ def test_reformatted_colour_reads_the_overlay_series_and_gives_the_same_pixels(
     assert written_plane_image(context, "coronal") is None
     (series,) = write_output(study, masks, "color", "coronal", processing, work)
     assert _pixel_bytes(list(series.files)) == _pixel_bytes(colour["resampled"]["coronal"])
+
+
+@pytest.mark.parametrize(("slope", "intercept"), [(1.0, -1024.0), (0.5, 10.0), (2.5, -3000.0), (-1.0, 0.0)])
+def test_stored_values_are_windowed_as_their_modality_values(slope: float, intercept: float) -> None:
+    """The rescale folded into the window gives the grey levels of the modality values: the same but
+    for float rounding on a level's edge (at most one level, in a few pixels)."""
+    from netrt.outputs.color import Window, _stored_to_grey, window_to_grey
+    from netrt.overlay import PixelFormat
+
+    fmt = PixelFormat(16, 16, 1, slope, intercept, np.dtype("<i2"))
+    stored = np.arange(-32768, 32768, dtype=np.int16).reshape(256, 256)
+    for window in (Window(40.0, 400.0, "soft tissue"), Window(-600.0, 1500.0, "lung"), Window(3.0, 1.0, "one")):
+        expected = window_to_grey(fmt.to_modality(stored), window)
+        got = _stored_to_grey(fmt, window, False)(stored)
+        differ = got.astype(int) - expected.astype(int)
+        assert np.abs(differ).max() <= 1, window
+        assert np.count_nonzero(differ) <= stored.size // 1000, window
+        assert (expected == 255).sum() > 0 and (expected == 0).sum() > 0  # the window's both ends are crossed

@@ -47,7 +47,7 @@ Choices, and why:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,10 +186,14 @@ def window_to_grey(values: npt.ArrayLike, window: Window, invert: bool = False) 
 
     ``invert`` for MONOCHROME1 sources (high values shown dark). Returns a new array.
     """
-    x = np.asarray(values, dtype=np.float32)
+    x = np.asarray(values)
+    if x.dtype.kind not in "iuf":
+        x = x.astype(np.float32)
+    # every value is taken to float32 on the way in (as by np.asarray(values, float32)), without a
+    # converted copy of the slice when it is stored integers
     c, w = np.float32(window.center - 0.5), np.float32(window.width - 1.0)
     if w <= 0:
-        grey = np.where(x > c, np.float32(255.0), np.float32(0.0))
+        grey = np.where(x.astype(np.float32) > c, np.float32(255.0), np.float32(0.0))
     else:
         # the formula's operations in its order, on one working array (a slice per call: the
         # temporaries of the plain expression cost more than the arithmetic)
@@ -460,13 +464,18 @@ def write_color_series(
         fields.append(prepare_mask(box.mask, geometry, within=box.box))
     step = target.spacing[2] * target.normal
 
-    def draw(first: int, image: npt.NDArray[np.float32], layers: Sequence[BoolArray]) -> None:
+    def draw(
+        first: int,
+        image: npt.NDArray[Any],
+        layers: Sequence[BoolArray],
+        grey: Callable[[npt.NDArray[Any]], UInt8Array],
+    ) -> None:
         # which slices of the slab each ROI touches, in one pass per layer (most touch few of them)
         touched = [slices_holding(layer) for layer in layers]
         for offset in range(image.shape[0]):
             index = first + offset
             drawn = draw_slice(
-                window_to_grey(image[offset], window, invert),
+                grey(image[offset]),
                 [
                     (roi.color, layer[offset])
                     for roi, layer, hit in zip(rois, layers, touched, strict=True)
@@ -480,15 +489,37 @@ def write_color_series(
             written.append(writer.write())
 
     if plane_image is not None:  # the plane as its overlay series stores it: no second resampling
+        grey = _stored_to_grey(plane_image.pixel_format, window, invert)
         layers = [mask_slabs(field, target) for field in fields]
         for first, count in slab_bounds(target):
-            draw(first, plane_image.values(first, count), [next(layer) for layer in layers])
+            draw(first, plane_image.stored(first, count), [next(layer) for layer in layers], grey)
         return written
     stored_format = _stored_format(source, headers.slices[0].path)
+    if stored_format is None:
+        for slab in reformat_slabs(prepare_source(volume, MaskField("empty"), geometry, fields), target):
+            draw(slab.first, slab.image, slab.layers, lambda values: window_to_grey(values, window, invert))
+        return written
+    grey = _stored_to_grey(stored_format, window, invert)
     for slab in reformat_slabs(prepare_source(volume, MaskField("empty"), geometry, fields), target):
-        image = slab.image if stored_format is None else stored_format.to_modality(stored_format.to_stored(slab.image))
-        draw(slab.first, image, slab.layers)
+        draw(slab.first, stored_format.to_stored(slab.image), slab.layers, grey)
     return written
+
+
+def _stored_to_grey(fmt: PixelFormat, window: Window, invert: bool) -> Callable[[npt.NDArray[Any]], UInt8Array]:
+    """Grey levels of stored values: the window applied to ``fmt.to_modality(stored)``, with the
+    rescale folded into the window (one pass over the slice instead of three), so that the file
+    path and the resampling path, which both hold stored values, give the same grey levels.
+
+    ``((s * slope + intercept) - (c - 0.5)) / (w - 1)`` equals ``(s - (c' - 0.5)) / (w' - 1)`` with
+    ``c' = (c - 0.5 - intercept) / slope + 0.5`` and ``w' = (w - 1) / slope + 1``. A negative slope
+    (allowed, never seen) takes the plain route.
+    """
+    if fmt.slope <= 0:
+        return lambda stored: window_to_grey(fmt.to_modality(stored), window, invert)
+    folded = Window(
+        (window.center - 0.5 - fmt.intercept) / fmt.slope + 0.5, (window.width - 1.0) / fmt.slope + 1.0, window.origin
+    )
+    return lambda stored: window_to_grey(stored, folded, invert)
 
 
 def _stored_format(source: Dataset, path: Path) -> PixelFormat | None:

@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -198,8 +199,9 @@ class WrittenPlaneImage:
         except OSError:
             return False
 
-    def values(self, first: int, count: int) -> npt.NDArray[np.float32]:
-        """Modality values (float32, ``[slice, row, col]``) of slices ``first .. first + count - 1``.
+    def stored(self, first: int, count: int) -> npt.NDArray[Any]:
+        """Stored values (``pixel_format.dtype``, ``[slice, row, col]``) of slices ``first .. first + count - 1``
+        (``pixel_format.to_modality`` gives the modality values).
 
         Raises:
             NetrtError: a file is gone or no longer ends with its pixels (re-run the step).
@@ -217,7 +219,7 @@ class WrittenPlaneImage:
                 raise NetrtError(f"{path}: cannot read the written plane image: {exc}") from exc
             if found != header or read != size:
                 raise NetrtError(f"{path}: does not end with the {size} bytes of pixels it was written with")
-        return fmt.to_modality(stored)
+        return stored
 
 
 def written_plane_image(context: OutputContext, plane: str) -> WrittenPlaneImage | None:
