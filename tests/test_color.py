@@ -485,3 +485,38 @@ def test_stored_values_are_windowed_as_their_modality_values(slope: float, inter
         assert np.abs(differ).max() <= 1, window
         assert np.count_nonzero(differ) <= stored.size // 1000, window
         assert (expected == 255).sum() > 0 and (expected == 0).sum() > 0  # the window's both ends are crossed
+
+
+def test_the_writing_thread_keeps_the_order_and_its_error_reaches_the_caller(tmp_path: Path) -> None:
+    from pydicom.dataset import FileMetaDataset
+
+    from netrt.outputs.color import _OrderedWriter
+
+    class Recorder:
+        """Stands in for the slice encoder: records the data set's state at each write."""
+
+        def __init__(self, sc: Dataset, fail_at: int | None) -> None:
+            self.sc, self.fail_at, self.seen = sc, fail_at, []
+
+        def write(self) -> Path:
+            number = int(self.sc.InstanceNumber)
+            if number == self.fail_at:
+                raise OSError(28, "No space left on device")
+            self.seen.append((number, self.sc.ImagePositionPatient[2], bytes(self.sc.PixelData[:1])))
+            return tmp_path / f"{number}.dcm"
+
+    def run(fail_at: int | None) -> tuple[Recorder, list[Path]]:
+        sc = Dataset()
+        sc.file_meta = FileMetaDataset()
+        recorder = Recorder(sc, fail_at)
+        with _OrderedWriter(sc, "1.2.3", recorder, depth=2) as output:  # type: ignore[arg-type]
+            for index in range(20):
+                rgb = np.full((2, 2, 3), index, dtype=np.uint8)
+                output.put(index, rgb, {"ImagePositionPatient": [0, 0, index]})
+            return recorder, output.finish()
+
+    recorder, files = run(None)
+    assert files == [tmp_path / f"{n}.dcm" for n in range(1, 21)]
+    assert recorder.seen == [(n + 1, n, bytes([n])) for n in range(20)]  # elements and pixels of the same slice
+    with pytest.raises(OSError, match="No space left"):
+        run(7)

@@ -47,7 +47,9 @@ Choices, and why:
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -371,6 +373,47 @@ def _set_slice(sc: SCImage, series_uid: str, index: int, rgb: UInt8Array) -> Non
     sc.PixelData = np.ascontiguousarray(rgb).tobytes()
 
 
+class _OrderedWriter:
+    """Encodes and writes the slices of a series in a thread of its own, one after the other in the
+    order given, while the caller draws the next ones (drawing is numpy and writing is mostly system
+    calls, both without the GIL: the two overlap on a second core). At most ``depth`` drawn slices
+    wait; an error of the writing thread is raised in the caller at its next ``put`` or at
+    ``finish``. The data set ``sc`` is only touched by the writing thread once the first slice is put.
+    """
+
+    def __init__(self, sc: SCImage, series_uid: str, writer: _LazyWriter, depth: int = 4) -> None:
+        self._sc, self._series_uid, self._writer, self._depth = sc, series_uid, writer, depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netrt-colour-write")
+        self._pending: deque[Future[Path]] = deque()
+        self.written: list[Path] = []
+
+    def __enter__(self) -> _OrderedWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+    def put(self, index: int, rgb: UInt8Array, elements: dict[str, Any]) -> None:
+        """Write slice ``index`` with these pixels, after setting ``elements`` (keyword -> value)."""
+        if len(self._pending) >= self._depth:
+            self.written.append(self._pending.popleft().result())
+        self._pending.append(self._pool.submit(self._write, index, rgb, elements))
+
+    def finish(self) -> list[Path]:
+        """Every slice written; the files in the order put."""
+        while self._pending:
+            self.written.append(self._pending.popleft().result())
+        return self.written
+
+    def _write(self, index: int, rgb: UInt8Array, elements: dict[str, Any]) -> Path:
+        for keyword, value in elements.items():
+            setattr(self._sc, keyword, value)
+        _set_slice(self._sc, self._series_uid, index, rgb)
+        return self._writer.write()
+
+
 # --- the series ---------------------------------------------------------------------------
 
 
@@ -437,72 +480,70 @@ def write_color_series(
     annotation = render_annotation(rows, columns, [(r.name, r.color) for r in rois], settings.disclaimer)
     opacity = float(settings.fill_opacity)
 
-    written: list[Path] = []
-    writer = _LazyWriter(sc, plane, out_dir)
-    if plane == "axial":
-        boxes = [_roi_box(roi_masks, roi, geometry.shape) for roi in rois]  # boxes only: ROIs are small
-        for index, k in enumerate(series.slice_indices):
-            header = source if index == 0 else headers.header(index)
-            for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness"):
-                if keyword in header:
-                    setattr(sc, keyword, header[keyword].value)
-            sc.SourceImageSequence = DicomSequence([headers.reference(index)])
-            drawn = draw_slice(
-                window_to_grey(volume[k], window, invert),
-                [(r.color, b.slice_at(k)) for r, b in zip(rois, boxes, strict=True)],
-                opacity,
-                annotation,
-            )
-            _set_slice(sc, series_uid, index, drawn)
-            written.append(writer.write())
-        return written
+    with _OrderedWriter(sc, series_uid, _LazyWriter(sc, plane, out_dir)) as output:
+        if plane == "axial":
+            boxes = [_roi_box(roi_masks, roi, geometry.shape) for roi in rois]  # boxes only: ROIs are small
+            for index, k in enumerate(series.slice_indices):
+                header = source if index == 0 else headers.header(index)
+                elements = {
+                    keyword: header[keyword].value
+                    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness")
+                    if keyword in header
+                }
+                elements["SourceImageSequence"] = DicomSequence([headers.reference(index)])
+                drawn = draw_slice(
+                    window_to_grey(volume[k], window, invert),
+                    [(r.color, b.slice_at(k)) for r, b in zip(rois, boxes, strict=True)],
+                    opacity,
+                    annotation,
+                )
+                output.put(index, drawn, elements)
+            return output.finish()
 
-    # each ROI prepared from its box (no whole-grid mask), resampled beside the image as a layer
-    fields = []
-    for roi in rois:
-        box = _roi_box(roi_masks, roi, geometry.shape)
-        fields.append(prepare_mask(box.mask, geometry, within=box.box))
-    step = target.spacing[2] * target.normal
+        # each ROI prepared from its box (no whole-grid mask), resampled beside the image as a layer
+        fields = []
+        for roi in rois:
+            box = _roi_box(roi_masks, roi, geometry.shape)
+            fields.append(prepare_mask(box.mask, geometry, within=box.box))
+        step = target.spacing[2] * target.normal
 
-    def draw(
-        first: int,
-        image: npt.NDArray[Any],
-        layers: Sequence[BoolArray],
-        grey: Callable[[npt.NDArray[Any]], UInt8Array],
-    ) -> None:
-        # which slices of the slab each ROI touches, in one pass per layer (most touch few of them)
-        touched = [slices_holding(layer) for layer in layers]
-        for offset in range(image.shape[0]):
-            index = first + offset
-            drawn = draw_slice(
-                grey(image[offset]),
-                [
-                    (roi.color, layer[offset])
-                    for roi, layer, hit in zip(rois, layers, touched, strict=True)
-                    if hit[offset]
-                ],
-                opacity,
-                annotation,
-            )
-            sc.ImagePositionPatient = _ds_strings(target.origin + index * step)
-            _set_slice(sc, series_uid, index, drawn)
-            written.append(writer.write())
+        def draw(
+            first: int,
+            image: npt.NDArray[Any],
+            layers: Sequence[BoolArray],
+            grey: Callable[[npt.NDArray[Any]], UInt8Array],
+        ) -> None:
+            # which slices of the slab each ROI touches, in one pass per layer (most touch few of them)
+            touched = [slices_holding(layer) for layer in layers]
+            for offset in range(image.shape[0]):
+                index = first + offset
+                drawn = draw_slice(
+                    grey(image[offset]),
+                    [
+                        (roi.color, layer[offset])
+                        for roi, layer, hit in zip(rois, layers, touched, strict=True)
+                        if hit[offset]
+                    ],
+                    opacity,
+                    annotation,
+                )
+                output.put(index, drawn, {"ImagePositionPatient": _ds_strings(target.origin + index * step)})
 
-    if plane_image is not None:  # the plane as its overlay series stores it: no second resampling
-        grey = _stored_to_grey(plane_image.pixel_format, window, invert)
-        layers = [mask_slabs(field, target) for field in fields]
-        for first, count in slab_bounds(target):
-            draw(first, plane_image.stored(first, count), [next(layer) for layer in layers], grey)
-        return written
-    stored_format = _stored_format(source, headers.slices[0].path)
-    if stored_format is None:
+        if plane_image is not None:  # the plane as its overlay series stores it: no second resampling
+            grey = _stored_to_grey(plane_image.pixel_format, window, invert)
+            layers = [mask_slabs(field, target) for field in fields]
+            for first, count in slab_bounds(target):
+                draw(first, plane_image.stored(first, count), [next(layer) for layer in layers], grey)
+            return output.finish()
+        stored_format = _stored_format(source, headers.slices[0].path)
+        if stored_format is None:
+            for slab in reformat_slabs(prepare_source(volume, MaskField("empty"), geometry, fields), target):
+                draw(slab.first, slab.image, slab.layers, lambda values: window_to_grey(values, window, invert))
+            return output.finish()
+        grey = _stored_to_grey(stored_format, window, invert)
         for slab in reformat_slabs(prepare_source(volume, MaskField("empty"), geometry, fields), target):
-            draw(slab.first, slab.image, slab.layers, lambda values: window_to_grey(values, window, invert))
-        return written
-    grey = _stored_to_grey(stored_format, window, invert)
-    for slab in reformat_slabs(prepare_source(volume, MaskField("empty"), geometry, fields), target):
-        draw(slab.first, stored_format.to_stored(slab.image), slab.layers, grey)
-    return written
+            draw(slab.first, stored_format.to_stored(slab.image), slab.layers, grey)
+        return output.finish()
 
 
 def _stored_to_grey(fmt: PixelFormat, window: Window, invert: bool) -> Callable[[npt.NDArray[Any]], UInt8Array]:
