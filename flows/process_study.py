@@ -4,7 +4,7 @@ validate -> anonymize -> extract-masks -> write-<plane> (axial beside coronal, t
 -> deliver-<name> (concurrently, one per destination). Tasks exchange paths, UIDs and small reports only.
 With ``processing.structure_sets: each`` the study is split into one part per RTSTRUCT on its
 series (:func:`netrt.pipeline.plan_structure_sets`): extract-masks and every write task run once per
-part, keyed and labelled by it (``write-axial [PLAN_A]``); the preview is of the newest part.
+part, keyed and labelled by it (``write-axial [PLAN_A]``); each part gets its own preview, the newest first.
 
 Caching: the deterministic tasks (anonymize, extract-masks, write-<plane>, preview) cache on an
 explicit key built from the content of the study's files (:func:`netrt.pipeline.study_fingerprint`),
@@ -379,10 +379,10 @@ def process_study(
         summary = _process(run, source, study_instance_uid)
     except Exception as exc:
         failure = run.fail(exc, source, study_instance_uid, label)
-        _publish(run, None)
+        _publish(run, [])
         raise failure from None
     run.finish(source, label)
-    _publish(run, Path(run.report.preview_path) if run.report.preview_path else None)
+    _publish(run, [Path(path) for _, path in run.report.previews])
     return summary
 
 
@@ -504,19 +504,24 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None) -> dict[st
         for label, s in labelled
     ]
     report.warnings += list(dict.fromkeys(note for s in written for note in s.notes))  # once, not per plane
-    with run.timed("preview") as timing:  # of the newest structure set with `each`
-        report.preview_path = str(
-            run.cached_call(
-                preview,
-                timing,
-                result_files_intact,
-                study=parts[0].study,
-                masks=part_masks[0],
-                path=str(work / parts[0].key[:12] / "preview.png"),
-                disclaimer=config.processing.disclaimer,
-                cache_key=content_key("preview", parts[0].key, config.processing.disclaimer),
-            ).path
+    with run.timed("preview") as timing:  # one per structure set with `each`, the newest first
+        previews = run.cached_map(
+            preview,
+            timing,
+            result_files_intact,
+            [
+                {
+                    "study": part.study,
+                    "masks": masks,
+                    "path": str(work / part.key[:12] / "preview.png"),
+                    "disclaimer": config.processing.disclaimer,
+                    "cache_key": content_key("preview", part.key, config.processing.disclaimer),
+                }
+                for part, masks in zip(parts, part_masks, strict=True)
+            ],
         )
+    report.previews = [(part.name, str(stamp.path)) for part, stamp in zip(parts, previews, strict=True)]
+    report.preview_path = report.previews[0][1]
     run.record(
         "processed",
         counts={label: len(s.files) for label, s in labelled},
@@ -542,6 +547,7 @@ def _process(run: _Run, source: Path, study_instance_uid: str | None) -> dict[st
         "destinations": report.destinations,
         "stages": report.as_dict()["stages"],
         "preview": report.preview_path,
+        "previews": [{"structure_set": name, "path": path} for name, path in report.previews],
         "flow_run_id": report.flow_run_id,
     }
 
@@ -636,7 +642,7 @@ def _deliver_all(run: _Run, routes: dict[str, list[Path]]) -> None:
     book.close(destinations)
 
 
-def _publish(run: _Run, preview_png: Path | None) -> None:
+def _publish(run: _Run, previews: list[Path]) -> None:
     """Markdown summary and PNG preview as keyed artifacts (history per study), and files under the data dir."""
     report = run.report
     markdown = render_markdown(report)
@@ -649,13 +655,17 @@ def _publish(run: _Run, preview_png: Path | None) -> None:
         create_table_artifact(
             report.rois, key=f"{key}-rois", description=f"ROIs of study {report.study}: kept, voxels, volume, colour"
         )
-    if preview_png is not None and preview_png.exists():
+    names = [name for name, _ in report.previews]
+    for number, preview_png in enumerate(previews, start=1):
+        if not preview_png.exists():
+            continue
         encoded = base64.b64encode(preview_png.read_bytes()).decode("ascii")
+        of = f" of structure set {names[number - 1]}" if number <= len(names) and names[number - 1] else ""
         create_image_artifact(
             image_url=f"data:image/png;base64,{encoded}",
-            key=f"{key}-preview",
+            key=f"{key}-preview" if number == 1 else f"{key}-preview-{number}",
             description=(
-                f"Axial, coronal and sagittal mid-slices, each ROI outlined in its colour, with a legend; "
+                f"Axial, coronal and sagittal mid-slices{of}, each ROI outlined in its colour, with a legend; "
                 f"file: {preview_png}"
             ),
         )

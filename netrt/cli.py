@@ -378,7 +378,11 @@ def _print_outcomes(
         )
     ui = _ui_url(config)
     for summary in outcomes:
-        if summary.get("preview"):
+        previews = summary.get("previews") or []
+        if len(previews) > 1:  # structure_sets: each
+            for shown in previews:
+                print(f"preview [{shown['structure_set']}]: {shown['path']}", flush=True)
+        elif summary.get("preview"):
             print(f"preview: {summary['preview']}", flush=True)
     for summary in outcomes:
         if summary.get("flow_run_id"):

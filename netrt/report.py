@@ -34,7 +34,9 @@ class StudyReport:
     warnings: list[str] = field(default_factory=list)
     # one sentence per RTSTRUCT processed (processing.structure_sets: several with each / merge)
     structure_sets: list[str] = field(default_factory=list)
-    preview_path: str | None = None
+    preview_path: str | None = None  # the first of ``previews`` (the newest structure set's)
+    # (structure set name, PNG path) of each preview: one per structure set with `each`; name "" otherwise
+    previews: list[tuple[str, str]] = field(default_factory=list)
     failed_stage: str | None = None
     error: str | None = None
     quarantine_id: str | None = None
@@ -51,6 +53,7 @@ class StudyReport:
             "warnings": self.warnings,
             "structure_sets": self.structure_sets,
             "preview_path": self.preview_path,
+            "previews": [{"structure_set": name, "path": path} for name, path in self.previews],
             "failed_stage": self.failed_stage,
             "error": self.error,
             "quarantine_id": self.quarantine_id,
@@ -178,6 +181,9 @@ def render_markdown(report: StudyReport) -> str:
         lines.append("")
     if report.warnings:
         lines += ["## Warnings", ""] + [f"- {_cell(w)}" for w in report.warnings] + [""]
-    if report.preview_path:
+    if len(report.previews) > 1:
+        lines += [f"Preview of {_cell(name)} (axial, coronal, sagittal): `{path}`" for name, path in report.previews]
+        lines.append("")
+    elif report.preview_path:
         lines += [f"Preview (axial, coronal, sagittal): `{report.preview_path}`", ""]
     return "\n".join(lines)

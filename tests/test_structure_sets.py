@@ -432,6 +432,12 @@ def test_netrt_process_each_delivers_the_series_of_every_structure_set(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ROIs PLAN_B: Sphere, PLAN_B: torus, PLAN_A: sphere" in result.stdout
     assert "axial [PLAN_B]" in result.stdout and "seg [PLAN_A]" in result.stdout
+    # one preview per structure set, the newest first, each of its own ROIs
+    shown = [line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith("preview")]
+    assert [label for label, _ in shown] == ["preview [PLAN_B]", "preview [PLAN_A]"], result.stdout
+    pngs = [Path(path) for _, path in shown]
+    assert all(png.read_bytes().startswith(b"\x89PNG") for png in pngs)
+    assert pngs[0].read_bytes() != pngs[1].read_bytes()
 
     (delivered,) = (data / "output").iterdir()
     by_description: dict[str, list[Path]] = {}
@@ -458,6 +464,8 @@ def test_netrt_process_each_delivers_the_series_of_every_structure_set(
     text = summary.read_text()
     assert "## Structure sets processed" in text and "PLAN_A" in text and "PLAN_B" in text
     assert "each processed on its own" in text
+    assert f"Preview of PLAN_B (axial, coronal, sagittal): `{pngs[0]}`" in text
+    assert f"Preview of PLAN_A (axial, coronal, sagittal): `{pngs[1]}`" in text
 
 
 @pytest.mark.slow
