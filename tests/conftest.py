@@ -62,6 +62,13 @@ def segimage2itkimage() -> str:
     return found
 
 
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The Error lines dicom3tools' dciodvfy prints for the file at ``path`` (warnings are not errors)."""
+    tool = require_tool("dciodvfy")
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
 def require_shared(relative: str) -> Path:
     """A folder of ../shared/data; skipped with a reason when absent (failed in CI)."""
     path = SHARED_DATA / relative

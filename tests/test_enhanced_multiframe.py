@@ -37,7 +37,7 @@ from netrt.study import (
     read_source_image,
 )
 
-from .conftest import free_port, require_shared, require_tool
+from .conftest import dciodvfy_errors, free_port, require_shared
 from .overlay_check import score_series
 
 SHAPES = ["sphere", "box", "hollow_sphere", "torus"]
@@ -46,12 +46,6 @@ LEGACY_CT = "1.2.840.10008.5.1.4.1.1.2.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    tool = require_tool("dciodvfy")
-    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ from netrt.outputs.rois import load_roi_mask
 from netrt.pipeline import compute_mask, write_output
 from netrt.study import LoadedStudy, find_studies, load_study, read_image_volume
 
-from .conftest import IN_CI, free_port, require_tool, segimage2itkimage
+from .conftest import IN_CI, dciodvfy_errors, free_port, segimage2itkimage
 
 BoolArray = npt.NDArray[np.bool_]
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -229,12 +229,6 @@ def expected_masks(image: Dataset, plane: dict[str, Any]) -> dict[int, dict[int,
         for number, polygon in shapes(frame).items():
             out[number][frame] = even_odd(polygon, centres[..., 0], centres[..., 1])
     return out
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    tool = require_tool("dciodvfy")
-    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
 # --- the Enhanced CT -------------------------------------------------------------------------------
