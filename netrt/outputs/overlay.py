@@ -110,6 +110,12 @@ def _field_of(boxes: list[RoiBox], study: LoadedStudy) -> MaskField:
     return prepare_mask(whole, geometry)
 
 
+def series_folder(work_dir: Path, plane: str, burn_in: bool) -> Path:
+    """Where the overlay (or burn-in) series of ``plane`` is written under the work dir (and read
+    back by :func:`written_plane_image`)."""
+    return work_dir / "series" / f"{plane}{'-burn-in' if burn_in else ''}"
+
+
 def write_overlay_series(context: OutputContext, plane: str, burn_in: bool) -> list[WrittenSeries]:
     """Write the overlay (or, with ``burn_in``, the burn-in) series of ``plane`` under the work dir.
 
@@ -124,7 +130,7 @@ def write_overlay_series(context: OutputContext, plane: str, burn_in: bool) -> l
     per_roi = processing.overlay_groups == "per_roi"
     groups, labels, notes = overlay_layers(context.rois) if per_roi else ([], (), ())
     settings = series_settings(context, plane, names, burn_in, labels)
-    folder = context.work_dir / "series" / f"{plane}{'-burn-in' if burn_in else ''}"
+    folder = series_folder(context.work_dir, plane, burn_in)
     output = SeriesOutput(folder, settings, burn_in)
     mask = load_mask(context.merged_mask)
     boxes = _group_boxes(context.roi_masks, groups) if per_roi else []
@@ -239,7 +245,7 @@ def written_plane_image(context: OutputContext, plane: str) -> WrittenPlaneImage
     settings = series_settings(context, plane, [roi.name for roi in context.rois], False, labels)
     series_uid = output_series_uid(study.images.series_instance_uid, plane, settings.settings_key, False)
     target = plane_geometry(study.images.geometry, plane, processing.reformat_spacing_mm)
-    folder = context.work_dir / "series" / plane
+    folder = series_folder(context.work_dir, plane, False)
     files = tuple(folder / f"{output_instance_uid(series_uid, index)}.dcm" for index in range(target.shape[0]))
     if not all(path.is_file() for path in files):
         return None
